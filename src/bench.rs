@@ -1,0 +1,362 @@
+//! `hearken bench`: the uplink (48 kHz stereo -> mono -> 16 kHz -> VAD -> Opus) and the downlink
+//! (Opus -> 48 kHz -> 44.1 kHz stereo device) per second of audio, each stage alone and the whole
+//! pipeline, measured in the same run so the ratios hold on any machine; then a whole `hearken run`
+//! over a WAV file in a child process, for its peak RSS.
+//!
+//! The stage functions are public so `benches/pipeline.rs` (criterion) measures the same code.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::audio::StreamFormat;
+use crate::audio::earcon::decode_wav;
+use crate::cli::BenchArgs;
+use crate::config::{ChannelSelect, Config};
+use crate::dsp::codec::{MAX_DECODED_SAMPLES, MAX_PACKET_BYTES, OpusDecoder, OpusEncoder};
+use crate::dsp::downlink::{Downlink, DownlinkAudio};
+use crate::dsp::resample::StreamResampler;
+use crate::dsp::uplink::{Uplink, UplinkEvent, UplinkSettings};
+use crate::dsp::vad::{self, VadStage};
+use crate::dsp::{downmix, to_i16};
+
+pub const DEFAULT_FIXTURE: &str = "audio/fixtures/one_utterance_48k_stereo.wav";
+/// Device input block: 10 ms at 48 kHz.
+const BLOCK_FRAMES: usize = 480;
+
+/// Prepared inputs for every stage, so each is timed on exactly what it sees in the pipeline.
+pub struct BenchInput {
+    pub seconds: f64,
+    /// 48 kHz stereo interleaved.
+    pub stereo48: Vec<f32>,
+    pub mono48: Vec<f32>,
+    pub mono16: Vec<i16>,
+    /// The uplink's Opus packets (for the downlink).
+    pub packets: Vec<Vec<u8>>,
+    pub config: Config,
+}
+
+impl BenchInput {
+    /// `seconds` of audio made by looping a 48 kHz stereo speech file.
+    pub fn from_wav(path: &Path, seconds: u32, config: &Config) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let sound = decode_wav(std::io::Cursor::new(bytes), &path.display().to_string())?;
+        anyhow::ensure!(sound.rate_hz == 48_000, "{} is not 48 kHz", path.display());
+        let want = seconds as usize * 48_000;
+        let mono48: Vec<f32> = sound.samples.iter().copied().cycle().take(want).collect();
+        // Stereo: the same speech on the left, a quieter copy on the right, so the mix does real work.
+        let stereo48: Vec<f32> = mono48.iter().flat_map(|s| [*s, 0.5 * s]).collect();
+        let mut mono = vec![0.0; mono48.len()];
+        downmix(&stereo48, 2, ChannelSelect::Mix, &mut mono);
+        let mut r = StreamResampler::new(48_000, 16_000)?;
+        let mut mono16 = Vec::with_capacity(want / 3);
+        r.process(&mono, |o| mono16.extend(o.iter().map(|x| to_i16(*x))));
+        let mut enc = OpusEncoder::new(&config.opus)?;
+        let mut buf = vec![0u8; MAX_PACKET_BYTES];
+        let mut packets = Vec::new();
+        for f in mono16.chunks_exact(enc.frame_samples()) {
+            let n = enc.encode(f, &mut buf)?;
+            packets.push(buf[..n].to_vec());
+        }
+        Ok(BenchInput {
+            seconds: seconds as f64,
+            stereo48,
+            mono48: mono,
+            mono16,
+            packets,
+            config: config.clone(),
+        })
+    }
+
+    fn uplink_settings(&self) -> UplinkSettings {
+        UplinkSettings {
+            input: StreamFormat {
+                rate_hz: 48_000,
+                channels: 2,
+            },
+            channel: ChannelSelect::Mix,
+            vad: self.config.vad.clone(),
+            opus: self.config.opus.clone(),
+            preroll_ms: self.config.turn.preroll_ms,
+            // Never stop: once speech starts, every frame is encoded, as in the Opus stage.
+            max_stream_ms: u32::MAX / 2,
+        }
+    }
+}
+
+pub fn stage_downmix(b: &BenchInput, out: &mut [f32]) -> usize {
+    let mut n = 0;
+    for block in b.stereo48.chunks(BLOCK_FRAMES * 2) {
+        n += downmix(block, 2, ChannelSelect::Mix, &mut out[..BLOCK_FRAMES]);
+    }
+    black_box(n)
+}
+
+pub fn stage_resample(b: &BenchInput) -> usize {
+    let Ok(mut r) = StreamResampler::new(48_000, 16_000) else {
+        return 0;
+    };
+    let mut n = 0;
+    for block in b.mono48.chunks(BLOCK_FRAMES) {
+        r.process(block, |o| {
+            // The pipeline converts to i16 right here too.
+            n += o
+                .iter()
+                .map(|x| to_i16(*x) as i32)
+                .sum::<i32>()
+                .unsigned_abs() as usize
+                & 1;
+            n += o.len();
+        });
+    }
+    black_box(n)
+}
+
+pub fn stage_vad(b: &BenchInput) -> usize {
+    let mut v = VadStage::new(
+        vad::engine(&b.config.vad),
+        b.config.vad.start_ms,
+        b.config.vad.hangover_ms,
+    );
+    let mut n = 0;
+    for block in b.mono16.chunks(160) {
+        v.push(block, |_| n += 1);
+    }
+    black_box(n)
+}
+
+/// Encode `frames` 20 ms frames (the number the pipeline encoded), from the start of the signal.
+pub fn stage_opus(b: &BenchInput, frames: usize) -> usize {
+    let Ok(mut enc) = OpusEncoder::new(&b.config.opus) else {
+        return 0;
+    };
+    let mut buf = vec![0u8; MAX_PACKET_BYTES];
+    let fs = enc.frame_samples();
+    let mut bytes = 0;
+    for f in b.mono16.chunks_exact(fs).cycle().take(frames) {
+        bytes += enc.encode(f, &mut buf).unwrap_or(0);
+    }
+    black_box(bytes)
+}
+
+/// The whole uplink as the worker runs it; returns the number of frames encoded.
+pub fn whole_uplink(b: &BenchInput) -> usize {
+    let Ok(mut up) = Uplink::new(&b.uplink_settings(), vad::engine(&b.config.vad)) else {
+        return 0;
+    };
+    let mut frames = 0;
+    for block in b.stereo48.chunks(BLOCK_FRAMES * 2) {
+        up.process(block, &mut |e| {
+            if let UplinkEvent::Frame { .. } = e {
+                frames += 1
+            }
+        });
+    }
+    black_box(frames)
+}
+
+pub fn stage_opus_decode(b: &BenchInput, out: &mut [f32]) -> usize {
+    let Ok(mut d) = OpusDecoder::new() else {
+        return 0;
+    };
+    let mut n = 0;
+    for p in &b.packets {
+        n += d.decode(p, out).unwrap_or(0);
+    }
+    black_box(n)
+}
+
+/// 48 kHz mono -> 44.1 kHz stereo, as the downlink does for a 44.1 kHz device.
+pub fn stage_resample_out(b: &BenchInput) -> usize {
+    let Ok(mut r) = StreamResampler::new(48_000, 44_100) else {
+        return 0;
+    };
+    let mut inter = Vec::with_capacity(2 * MAX_DECODED_SAMPLES);
+    let mut n = 0;
+    for block in b.mono48.chunks(960) {
+        r.process(block, |o| {
+            inter.clear();
+            inter.extend(o.iter().flat_map(|s| [*s, *s]));
+            n += inter.len();
+        });
+    }
+    black_box(n)
+}
+
+pub fn whole_downlink(b: &BenchInput) -> usize {
+    let out = StreamFormat {
+        rate_hz: 44_100,
+        channels: 2,
+    };
+    let Ok(mut d) = Downlink::new(out, 1.0) else {
+        return 0;
+    };
+    let mut n = 0;
+    for p in &b.packets {
+        let _ = d.push(&DownlinkAudio::Opus(p.clone()), &mut |s| n += s.len());
+    }
+    black_box(n)
+}
+
+/// Best of `reps` runs of `f`, in seconds.
+pub fn best_of(reps: u32, mut f: impl FnMut()) -> f64 {
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn find_fixture(arg: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = arg {
+        return Ok(p.clone());
+    }
+    let candidates = [
+        PathBuf::from(DEFAULT_FIXTURE),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_FIXTURE),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .context("bench needs a 48 kHz stereo WAV: run it from the source tree or pass --input")
+}
+
+pub fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
+    let fixture = find_fixture(args.input.as_ref())?;
+    let b = BenchInput::from_wav(&fixture, args.seconds, config)?;
+    let reps = args.reps;
+    let secs = b.seconds;
+    println!(
+        "hearken bench: {} s of audio from {}, best of {reps}, VAD {:?} mode {}",
+        args.seconds,
+        fixture.display(),
+        config.vad.engine,
+        config.vad.mode
+    );
+    let mut frames = 0;
+    let t_whole = best_of(reps, || frames = whole_uplink(&b));
+    let mut mono = vec![0.0f32; BLOCK_FRAMES];
+    let stages = [
+        (
+            "downmix 2ch -> mono",
+            best_of(reps, || {
+                stage_downmix(&b, &mut mono);
+            }),
+        ),
+        (
+            "resample 48k -> 16k",
+            best_of(reps, || {
+                stage_resample(&b);
+            }),
+        ),
+        (
+            "VAD + hysteresis",
+            best_of(reps, || {
+                stage_vad(&b);
+            }),
+        ),
+        (
+            "Opus encode",
+            best_of(reps, || {
+                stage_opus(&b, frames);
+            }),
+        ),
+    ];
+    print_table("uplink", secs, &stages, t_whole);
+    println!("  ({frames} Opus frames encoded in the whole-pipeline run)");
+
+    let mut dec = vec![0.0f32; MAX_DECODED_SAMPLES];
+    let t_down = best_of(reps, || {
+        whole_downlink(&b);
+    });
+    let dstages = [
+        (
+            "Opus decode -> 48k",
+            best_of(reps, || {
+                stage_opus_decode(&b, &mut dec);
+            }),
+        ),
+        (
+            "resample 48k -> 44.1k stereo",
+            best_of(reps, || {
+                stage_resample_out(&b);
+            }),
+        ),
+    ];
+    print_table("downlink", secs, &dstages, t_down);
+
+    match file_run_rss(&fixture) {
+        Ok((rss, wall)) => println!(
+            "\nwhole run `hearken run --input {} --output <tmp>.wav`: {:.0} ms wall, peak RSS {:.1} MiB (target < 12 MiB: {})",
+            fixture.display(),
+            wall * 1e3,
+            rss as f64 / 1024.0,
+            if rss < 12 * 1024 { "met" } else { "NOT met" }
+        ),
+        Err(e) => println!("\nwhole run: could not measure ({e:#})"),
+    }
+    Ok(())
+}
+
+fn print_table(name: &str, secs: f64, stages: &[(&str, f64)], whole: f64) {
+    println!("\n{name:<30} {:>14} {:>14}", "ms / audio s", "x real time");
+    let sum: f64 = stages.iter().map(|s| s.1).sum();
+    for (label, t) in stages {
+        println!("  {label:<28} {:>14.3} {:>14.0}", t / secs * 1e3, secs / t);
+    }
+    println!(
+        "  {:<28} {:>14.3} {:>14.0}",
+        "sum of stages",
+        sum / secs * 1e3,
+        secs / sum
+    );
+    println!(
+        "  {:<28} {:>14.3} {:>14.0}",
+        "whole pipeline",
+        whole / secs * 1e3,
+        secs / whole
+    );
+    let ratio = whole / sum;
+    let rt = secs / whole;
+    println!(
+        "  whole / sum of stages = {ratio:.3} (target <= 1.2: {}); real-time factor {rt:.0}x (target >= 100x: {})",
+        if ratio <= 1.2 { "met" } else { "NOT met" },
+        if rt >= 100.0 { "met" } else { "NOT met" }
+    );
+}
+
+/// Run `hearken run` on `fixture` in a child process; its peak RSS (KiB) and wall time (s).
+fn file_run_rss(fixture: &Path) -> anyhow::Result<(u64, f64)> {
+    let exe = std::env::current_exe()?;
+    let out = std::env::temp_dir().join(format!("hearken-bench-{}.wav", std::process::id()));
+    let t = Instant::now();
+    let child = std::process::Command::new(exe)
+        .args(["run", "--events", "jsonl", "--input"])
+        .arg(fixture)
+        .arg("--output")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let wall = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    anyhow::ensure!(
+        child.status.success(),
+        "child failed: {}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    let summary = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .context("no summary event")?;
+    let rss = summary["peak_rss_kib"]
+        .as_u64()
+        .context("no peak_rss_kib")?;
+    Ok((rss, wall))
+}

@@ -1,0 +1,809 @@
+//! Configuration: TOML file -> `FileConfig` (serde, unknown keys rejected with their path) -> `Config`
+//! (validated). Precedence is flag > file > default: command-line flags become `key=value` overrides that
+//! are applied to the parsed TOML table before it is deserialized, so they go through the same checks.
+//!
+//! Pure: no threads, sockets or devices. Every key is documented at its default in `config/hearken.toml`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where `hearken` looks for its config when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/hearken/hearken.toml";
+
+/// The commented default config shipped in `config/hearken.toml` (and printed by `--print-config`).
+pub const DEFAULT_TOML: &str = include_str!("../config/hearken.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: invalid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: `{key}`: {message}")]
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("override `{0}`: expected KEY=VALUE, e.g. turn.end_silence_ms=500")]
+    Override(String),
+}
+
+impl ConfigError {
+    /// The dotted key path this error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// A value that must never reach a log line: it prints as `***`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it goes on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The whole file. Every section and key is optional; missing ones take their default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub audio: AudioConfig,
+    pub vad: VadConfig,
+    pub turn: TurnConfig,
+    pub opus: OpusConfig,
+    pub earcons: EarconConfig,
+    pub agent: AgentConfig,
+    pub log: LogConfig,
+}
+
+/// Which input channel feeds the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelSelect {
+    /// Average all channels.
+    #[default]
+    Mix,
+    /// Take one channel (0-based).
+    Index(u16),
+}
+
+impl<'de> Deserialize<'de> for ChannelSelect {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Str(s) if s == "mix" => Ok(ChannelSelect::Mix),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "expected \"mix\" or a channel index, got \"{s}\""
+            ))),
+            Raw::Int(i) => u16::try_from(i)
+                .map(ChannelSelect::Index)
+                .map_err(|_| serde::de::Error::custom(format!("channel index out of range: {i}"))),
+        }
+    }
+}
+
+impl Serialize for ChannelSelect {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ChannelSelect::Mix => s.serialize_str("mix"),
+            ChannelSelect::Index(i) => s.serialize_u16(*i),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AudioConfig {
+    /// Capture device: "default", a name (exact, or a unique substring) or an index from `hearken devices`.
+    pub input_device: String,
+    /// Playback device, chosen the same way.
+    pub output_device: String,
+    /// "mix" (average all channels) or a 0-based channel index.
+    pub input_channel: ChannelSelect,
+    /// Capture rate to ask for; 0 takes the device's default.
+    pub input_rate_hz: u32,
+    /// Playback rate to ask for; 0 takes the device's default.
+    pub output_rate_hz: u32,
+    /// Hardware period (callback size) to ask for.
+    pub period_ms: u32,
+    /// Capacity of the capture ring between the input callback and the DSP worker.
+    pub capture_ring_ms: u32,
+    /// Capacity of the playback ring between the DSP worker and the output callback.
+    pub playback_ring_ms: u32,
+    /// Software volume for everything played, 0.0-1.0.
+    pub volume: f32,
+    /// Wait between attempts to (re)open a missing or failed device.
+    pub device_retry_ms: u32,
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        AudioConfig {
+            input_device: "default".into(),
+            output_device: "default".into(),
+            input_channel: ChannelSelect::Mix,
+            input_rate_hz: 0,
+            output_rate_hz: 0,
+            period_ms: 10,
+            capture_ring_ms: 500,
+            playback_ring_ms: 1000,
+            volume: 1.0,
+            device_retry_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VadEngineKind {
+    /// WebRTC's GMM voice activity detector (libfvad-style C code, via `webrtc-vad`).
+    Webrtc,
+    /// The pure-Rust neural VAD `earshot` (16 ms frames).
+    Earshot,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VadConfig {
+    pub engine: VadEngineKind,
+    /// WebRTC aggressiveness, 0 (least) to 3 (most aggressive at rejecting non-speech).
+    pub mode: u8,
+    /// WebRTC frame length: 10, 20 or 30 ms.
+    pub frame_ms: u32,
+    /// earshot score at or above which a frame is speech (0.0-1.0).
+    pub threshold: f32,
+    /// Continuous speech needed before speech start is reported.
+    pub start_ms: u32,
+    /// Continuous non-speech needed before speech end is reported.
+    pub hangover_ms: u32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        VadConfig {
+            engine: VadEngineKind::Webrtc,
+            mode: 3,
+            frame_ms: 30,
+            threshold: 0.5,
+            start_ms: 60,
+            hangover_ms: 150,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BargeIn {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// Non-speech after the last word that ends the user's turn.
+    pub end_silence_ms: u32,
+    /// Longest user turn; it is ended there even if the user keeps talking.
+    pub max_utterance_ms: u32,
+    /// How long to wait for the agent to start answering before giving up with the error earcon.
+    pub response_timeout_ms: u32,
+    /// "on": speech over the agent interrupts it; "off": the mic is ignored while the agent speaks.
+    pub barge_in: BargeIn,
+    /// Speech over the agent must last this long to interrupt it. Unset: 200 with echo cancellation,
+    /// 400 without (hearken has no echo canceller yet, so 400).
+    pub barge_in_min_ms: Option<u32>,
+    /// Audio kept from before the detected speech start, so the first syllable is never lost.
+    pub preroll_ms: u32,
+    /// After playback ends, speech must be sustained like a barge-in for this long (the room's echo tail).
+    pub post_playback_mute_ms: u32,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            end_silence_ms: 700,
+            max_utterance_ms: 15_000,
+            response_timeout_ms: 10_000,
+            barge_in: BargeIn::On,
+            barge_in_min_ms: None,
+            preroll_ms: 300,
+            post_playback_mute_ms: 250,
+        }
+    }
+}
+
+impl TurnConfig {
+    /// The effective barge-in minimum, given whether echo cancellation runs.
+    pub fn barge_in_min_ms(&self, aec: bool) -> u32 {
+        self.barge_in_min_ms.unwrap_or(if aec { 200 } else { 400 })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpusConfig {
+    /// Target bitrate of the uplink (16 kHz mono, VOIP mode).
+    pub bitrate_bps: u32,
+    /// Frame duration: 10, 20, 40 or 60 ms.
+    pub frame_ms: u32,
+    /// Encoder complexity 0-10 (lower is cheaper on a small board).
+    pub complexity: u8,
+    /// In-band forward error correction.
+    pub fec: bool,
+    /// Discontinuous transmission (fewer bytes in silence).
+    pub dtx: bool,
+}
+
+impl Default for OpusConfig {
+    fn default() -> Self {
+        OpusConfig {
+            bitrate_bps: 24_000,
+            frame_ms: 20,
+            complexity: 5,
+            fec: false,
+            dtx: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EarconConfig {
+    pub enabled: bool,
+    /// Folder with listening.wav, done.wav, error.wav, working.wav; empty uses the built-in ones.
+    pub dir: String,
+    /// Earcon level relative to the agent's voice, 0.0-1.0.
+    pub volume: f32,
+}
+
+impl Default for EarconConfig {
+    fn default() -> Self {
+        EarconConfig {
+            enabled: true,
+            dir: String::new(),
+            volume: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Agent endpoint. Empty: no agent; `hearken run` captures, detects speech and logs each turn.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when started by systemd (`JOURNAL_STREAM` set), plain text otherwise.
+    Auto,
+    Text,
+    Journald,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An EnvFilter directive ("info", "hearken=debug"); `RUST_LOG` wins over it, `-v` raises it.
+    pub level: String,
+    pub format: LogFormat,
+    /// Seconds between reports of the real-time counters (xruns, drops); 0 disables.
+    pub counters_interval_s: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
+            counters_interval_s: 60,
+        }
+    }
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub file: FileConfig,
+    /// Where it came from ("built-in defaults" or the path).
+    pub origin: String,
+}
+
+impl std::ops::Deref for Config {
+    type Target = FileConfig;
+    fn deref(&self) -> &FileConfig {
+        &self.file
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            file: FileConfig::default(),
+            origin: "built-in defaults".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Load `path` (or the built-in defaults when `path` is None), apply `KEY=VALUE` overrides, validate.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                (text, p.display().to_string())
+            }
+            None => (String::new(), "built-in defaults".to_string()),
+        };
+        Self::from_toml_str(&text, &origin, overrides)
+    }
+
+    /// Parse TOML text, apply overrides, validate.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let file: FileConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                // The path already ends with the unknown key's own name.
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                ConfigError::Key {
+                    origin: origin.to_string(),
+                    key,
+                    message: first_line(&message),
+                }
+            })?;
+        let config = Config {
+            file,
+            origin: origin.to_string(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective config as TOML (what `check-config --print` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.file).unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.file;
+        let err = |key: &str, message: String| ConfigError::Key {
+            origin: self.origin.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let range = |key: &str, v: u32, lo: u32, hi: u32| {
+            if v < lo || v > hi {
+                Err(err(key, format!("must be between {lo} and {hi}, got {v}")))
+            } else {
+                Ok(())
+            }
+        };
+        let rate = |key: &str, v: u32| {
+            if v != 0 && !(8_000..=192_000).contains(&v) {
+                Err(err(
+                    key,
+                    format!("must be 0 (device default) or 8000-192000, got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let unit = |key: &str, v: f32| {
+            if !(0.0..=1.0).contains(&v) {
+                Err(err(key, format!("must be between 0.0 and 1.0, got {v}")))
+            } else {
+                Ok(())
+            }
+        };
+        if c.audio.input_device.trim().is_empty() {
+            return Err(err(
+                "audio.input_device",
+                "must not be empty (use \"default\")".into(),
+            ));
+        }
+        if c.audio.output_device.trim().is_empty() {
+            return Err(err(
+                "audio.output_device",
+                "must not be empty (use \"default\")".into(),
+            ));
+        }
+        rate("audio.input_rate_hz", c.audio.input_rate_hz)?;
+        rate("audio.output_rate_hz", c.audio.output_rate_hz)?;
+        range("audio.period_ms", c.audio.period_ms, 1, 100)?;
+        range("audio.capture_ring_ms", c.audio.capture_ring_ms, 50, 5_000)?;
+        range(
+            "audio.playback_ring_ms",
+            c.audio.playback_ring_ms,
+            50,
+            10_000,
+        )?;
+        unit("audio.volume", c.audio.volume)?;
+        range(
+            "audio.device_retry_ms",
+            c.audio.device_retry_ms,
+            100,
+            60_000,
+        )?;
+
+        if c.vad.mode > 3 {
+            return Err(err("vad.mode", format!("must be 0-3, got {}", c.vad.mode)));
+        }
+        if ![10, 20, 30].contains(&c.vad.frame_ms) {
+            return Err(err(
+                "vad.frame_ms",
+                format!("must be 10, 20 or 30, got {}", c.vad.frame_ms),
+            ));
+        }
+        unit("vad.threshold", c.vad.threshold)?;
+        range("vad.start_ms", c.vad.start_ms, 0, 1_000)?;
+        range("vad.hangover_ms", c.vad.hangover_ms, 0, 2_000)?;
+
+        range("turn.end_silence_ms", c.turn.end_silence_ms, 100, 10_000)?;
+        range(
+            "turn.max_utterance_ms",
+            c.turn.max_utterance_ms,
+            1_000,
+            120_000,
+        )?;
+        range(
+            "turn.response_timeout_ms",
+            c.turn.response_timeout_ms,
+            500,
+            120_000,
+        )?;
+        if let Some(v) = c.turn.barge_in_min_ms {
+            range("turn.barge_in_min_ms", v, 0, 5_000)?;
+        }
+        range("turn.preroll_ms", c.turn.preroll_ms, 0, 2_000)?;
+        range(
+            "turn.post_playback_mute_ms",
+            c.turn.post_playback_mute_ms,
+            0,
+            5_000,
+        )?;
+        if c.vad.hangover_ms >= c.turn.end_silence_ms {
+            return Err(err(
+                "vad.hangover_ms",
+                format!(
+                    "must be shorter than turn.end_silence_ms ({}), got {}",
+                    c.turn.end_silence_ms, c.vad.hangover_ms
+                ),
+            ));
+        }
+
+        range("opus.bitrate_bps", c.opus.bitrate_bps, 6_000, 128_000)?;
+        if ![10, 20, 40, 60].contains(&c.opus.frame_ms) {
+            return Err(err(
+                "opus.frame_ms",
+                format!("must be 10, 20, 40 or 60, got {}", c.opus.frame_ms),
+            ));
+        }
+        if c.opus.complexity > 10 {
+            return Err(err(
+                "opus.complexity",
+                format!("must be 0-10, got {}", c.opus.complexity),
+            ));
+        }
+        unit("earcons.volume", c.earcons.volume)?;
+        if !c.earcons.dir.is_empty() && !Path::new(&c.earcons.dir).is_dir() {
+            return Err(err(
+                "earcons.dir",
+                format!("{} is not a folder", c.earcons.dir),
+            ));
+        }
+        if !c.agent.url.is_empty() {
+            let scheme_ok = ["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|s| c.agent.url.starts_with(s));
+            if !scheme_ok {
+                return Err(err(
+                    "agent.url",
+                    format!(
+                        "must start with ws://, wss://, http:// or https://, got {}",
+                        c.agent.url
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
+            return Err(err("log.level", format!("not a valid filter: {e}")));
+        }
+        range(
+            "log.counters_interval_s",
+            c.log.counters_interval_s,
+            0,
+            86_400,
+        )?;
+        Ok(())
+    }
+}
+
+/// Set `a.b.c = value` in `table`. The value is parsed as TOML; if that fails it is taken as a string,
+/// so `audio.input_device=hw:1,0` works without quotes.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(assignment.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::Override(assignment.to_string()));
+    }
+    let value = parse_value(raw.trim());
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut cur = table;
+    for p in parts {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(ConfigError::Override(assignment.to_string())),
+        };
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, "test.toml", &[])
+    }
+
+    #[test]
+    fn shipped_file_is_every_default() {
+        let shipped = load(DEFAULT_TOML).expect("config/hearken.toml loads");
+        assert_eq!(shipped.file, FileConfig::default());
+    }
+
+    #[test]
+    fn shipped_file_names_every_key() {
+        // Every key of the default config appears in config/hearken.toml, commented or not.
+        let defaults = toml::Value::try_from(FileConfig::default()).expect("serialize");
+        let toml::Value::Table(sections) = defaults else {
+            panic!("not a table")
+        };
+        for (section, keys) in sections {
+            assert!(
+                DEFAULT_TOML.contains(&format!("[{section}]")),
+                "section [{section}] missing from config/hearken.toml"
+            );
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            for key in keys.keys() {
+                assert!(
+                    DEFAULT_TOML.contains(&format!("\n{key} = "))
+                        || DEFAULT_TOML.contains(&format!("\n# {key} = ")),
+                    "{section}.{key} missing from config/hearken.toml"
+                );
+            }
+        }
+        // Option keys are not serialized when None; check them by name.
+        assert!(DEFAULT_TOML.contains("# barge_in_min_ms = "));
+    }
+
+    #[test]
+    fn every_key_accepts_a_valid_value() {
+        let text = r#"
+            [audio]
+            input_device = "hw:1,0"
+            output_device = "2"
+            input_channel = 1
+            input_rate_hz = 48000
+            output_rate_hz = 44100
+            period_ms = 20
+            capture_ring_ms = 400
+            playback_ring_ms = 2000
+            volume = 0.8
+            device_retry_ms = 500
+            [vad]
+            engine = "earshot"
+            mode = 1
+            frame_ms = 20
+            threshold = 0.6
+            start_ms = 90
+            hangover_ms = 300
+            [turn]
+            end_silence_ms = 900
+            max_utterance_ms = 20000
+            response_timeout_ms = 5000
+            barge_in = "off"
+            barge_in_min_ms = 250
+            preroll_ms = 500
+            post_playback_mute_ms = 100
+            [opus]
+            bitrate_bps = 16000
+            frame_ms = 40
+            complexity = 3
+            fec = true
+            dtx = true
+            [earcons]
+            enabled = false
+            dir = "/"
+            volume = 0.2
+            [agent]
+            url = "wss://agent.example/haip"
+            [log]
+            level = "hearken=debug"
+            format = "json"
+            counters_interval_s = 0
+        "#;
+        let c = load(text).expect("valid");
+        assert_eq!(c.audio.input_channel, ChannelSelect::Index(1));
+        assert_eq!(c.vad.engine, VadEngineKind::Earshot);
+        assert_eq!(c.turn.barge_in, BargeIn::Off);
+        assert_eq!(c.turn.barge_in_min_ms(false), 250);
+        assert_eq!(c.opus.frame_ms, 40);
+        assert!(!c.earcons.enabled);
+        assert_eq!(c.log.format, LogFormat::Json);
+        // Every key in that text differs from its default, so each one was really read.
+        let defaults = toml::Value::try_from(FileConfig::default()).expect("ser");
+        let loaded = toml::Value::try_from(c.file.clone()).expect("ser");
+        let (toml::Value::Table(d), toml::Value::Table(l)) = (defaults, loaded) else {
+            panic!()
+        };
+        for (section, keys) in d {
+            let (toml::Value::Table(dk), Some(toml::Value::Table(lk))) = (keys, l.get(&section))
+            else {
+                panic!("section {section}")
+            };
+            for (k, v) in dk {
+                assert_ne!(Some(&v), lk.get(&k), "{section}.{k} kept its default");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_path() {
+        let e = load("[turn]\nend_silence = 5\n").unwrap_err();
+        assert_eq!(e.key(), Some("turn.end_silence"), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = load("[sound]\nx = 1\n").unwrap_err();
+        assert_eq!(e.key(), Some("sound"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("[turn]\nend_silence_ms = 50", "turn.end_silence_ms"),
+            ("[turn]\nend_silence_ms = \"long\"", "turn.end_silence_ms"),
+            ("[turn]\nbarge_in = \"maybe\"", "turn.barge_in"),
+            ("[turn]\nbarge_in_min_ms = 9000", "turn.barge_in_min_ms"),
+            ("[vad]\nmode = 4", "vad.mode"),
+            ("[vad]\nframe_ms = 25", "vad.frame_ms"),
+            ("[vad]\nengine = \"silero\"", "vad.engine"),
+            ("[vad]\nthreshold = 1.5", "vad.threshold"),
+            ("[vad]\nhangover_ms = 800", "vad.hangover_ms"),
+            ("[audio]\ninput_channel = \"left\"", "audio.input_channel"),
+            ("[audio]\ninput_channel = -1", "audio.input_channel"),
+            ("[audio]\ninput_rate_hz = 300", "audio.input_rate_hz"),
+            ("[audio]\nvolume = 2.0", "audio.volume"),
+            ("[audio]\ninput_device = \"\"", "audio.input_device"),
+            ("[opus]\nframe_ms = 30", "opus.frame_ms"),
+            ("[opus]\nbitrate_bps = 1000", "opus.bitrate_bps"),
+            ("[opus]\ncomplexity = 11", "opus.complexity"),
+            ("[earcons]\ndir = \"/nonexistent/earcons\"", "earcons.dir"),
+            ("[agent]\nurl = \"ftp://x\"", "agent.url"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[log]\nlevel = \"hearken=loud\"", "log.level"),
+        ];
+        for (text, key) in cases {
+            let e = load(text).expect_err(text);
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let e = load("[turn\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file = "[turn]\nend_silence_ms = 900\npreroll_ms = 100\n";
+        let c = Config::from_toml_str(
+            file,
+            "f",
+            &[
+                "turn.end_silence_ms=500".into(),
+                "audio.input_device=hw:1,0".into(),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.turn.end_silence_ms, 500); // flag
+        assert_eq!(c.turn.preroll_ms, 100); // file
+        assert_eq!(c.turn.max_utterance_ms, 15_000); // default
+        assert_eq!(c.audio.input_device, "hw:1,0"); // unquoted string
+        let e = Config::from_toml_str("", "f", &["turn.nope=1".into()]).unwrap_err();
+        assert_eq!(e.key(), Some("turn.nope"));
+        let e = Config::from_toml_str("", "f", &["novalue".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::Override(_)));
+        let e = Config::from_toml_str("", "f", &["turn.preroll_ms=-5".into()]).unwrap_err();
+        assert_eq!(e.key(), Some("turn.preroll_ms"));
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "*** ***");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let e = Config::load(Some(Path::new("/nonexistent/hearken.toml")), &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/hearken.toml"));
+    }
+}

@@ -1,0 +1,20 @@
+//! hearken: a voice device for AI agents.
+//!
+//! Layout: `audio` (devices behind `Capture`/`Playback`, real-time rings) -> `dsp` (the worker thread:
+//! downmix, resample, VAD, pre-roll, Opus) -> `service` (tokio: `turn::TurnMachine`, event output) and
+//! back to the speaker through the same worker. `config` loads and validates the TOML file, `telemetry`
+//! sets up logging, `events` is the JSON-lines event stream, `bench` the built-in benchmarks.
+//! `turn`, `dsp` and `config` never touch sockets, tokio or cpal: they are unit-tested without hardware.
+
+pub mod audio;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod dsp;
+pub mod error;
+pub mod events;
+pub mod service;
+pub mod telemetry;
+pub mod turn;
+
+pub use error::Error;

@@ -1,0 +1,497 @@
+//! TurnMachine: who has the floor. Pure and synchronous: `handle(now, input) -> actions`, with
+//! `poll_deadline()` telling the caller when it next needs a `Tick`. No I/O, no clock of its own: `now`
+//! is the audio clock (ms of input processed), so a file runs exactly like a live microphone.
+//!
+//! States: Idle -> UserSpeaking -> AwaitingAgent -> AgentSpeaking -> Idle; barge-in goes
+//! AgentSpeaking -> UserSpeaking; Disconnected while an agent is configured but unreachable.
+//!
+//! Gating: speech that starts while something is playing, or within `post_playback_mute_ms` after it
+//! stopped, is a *candidate*: it must last `barge_in_min_ms` to count. If it does, playback is flushed
+//! (and, over the agent, an Interrupt is emitted) and the candidate's frames, pre-roll included, open the
+//! user's next turn, so no word is lost. If it does not, it was a blip (or the speaker's own echo) and is
+//! dropped.
+
+use serde::Serialize;
+
+use crate::audio::earcon::Earcon;
+use crate::config::{BargeIn, TurnConfig};
+use crate::dsp::worker::AudioFrame;
+
+/// Milliseconds on the audio clock.
+pub type Ms = u64;
+
+/// Most frames held for a candidate barge-in (10 s of 20 ms frames): more than any `barge_in_min_ms`
+/// plus pre-roll; older ones are dropped if it ever fills.
+const MAX_CANDIDATE_FRAMES: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Idle,
+    UserSpeaking,
+    AwaitingAgent,
+    AgentSpeaking,
+    Disconnected,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Debounced speech start; `at` is where it began (before the debounce).
+    SpeechStart {
+        at: Ms,
+    },
+    /// Debounced speech end; `at` is where it ended.
+    SpeechEnd {
+        at: Ms,
+    },
+    /// An encoded uplink frame.
+    Frame(AudioFrame),
+    /// Time passes.
+    Tick,
+    /// Something started playing (agent audio or an earcon).
+    PlaybackStarted,
+    /// Everything queued has played.
+    PlaybackIdle,
+    /// The agent began its answer (run started, first text or audio).
+    AgentStarted,
+    /// The agent's answer is complete on the wire (playback may still be running).
+    AgentFinished,
+    /// The agent reported an error for this turn.
+    AgentError,
+    Connected,
+    Disconnected,
+    /// The input (a file) ended: close any open turn.
+    InputEnded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// `end_silence_ms` of silence after the last word.
+    Silence,
+    /// The turn reached `max_utterance_ms`.
+    MaxLength,
+    /// The input ended.
+    InputEnded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscardReason {
+    /// Too short to interrupt the agent.
+    TooShortForBargeIn,
+    /// Too short to count while something was playing or just after (echo tail).
+    TooShortAfterPlayback,
+    /// Barge-in is off: the mic is ignored while the agent speaks.
+    BargeInOff,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    StateChanged {
+        from: State,
+        to: State,
+    },
+    TurnStarted {
+        at: Ms,
+    },
+    /// Send this frame as part of the current turn.
+    SendFrame(AudioFrame),
+    TurnEnded {
+        /// Where the user's speech ended.
+        at: Ms,
+        duration_ms: Ms,
+        frames: u32,
+        reason: EndReason,
+    },
+    /// Tell the DSP worker to stop producing frames.
+    StopStream,
+    /// Stop playback now (fade of a few ms).
+    FlushPlayback,
+    /// Tell the agent to cancel its answer.
+    Interrupt,
+    BargeIn {
+        /// Where the user's speech began.
+        onset: Ms,
+        /// When it was confirmed.
+        at: Ms,
+    },
+    /// Speech that did not become a turn.
+    Discarded {
+        onset: Ms,
+        reason: DiscardReason,
+    },
+    PlayEarcon(Earcon),
+    ResponseTimeout,
+}
+
+pub type Actions = Vec<Action>;
+
+#[derive(Debug, Clone)]
+pub struct TurnSettings {
+    pub end_silence_ms: Ms,
+    pub max_utterance_ms: Ms,
+    pub response_timeout_ms: Ms,
+    pub barge_in: bool,
+    pub barge_in_min_ms: Ms,
+    pub post_playback_mute_ms: Ms,
+    /// Whether there is an agent to wait for (without one, a turn ends back in Idle).
+    pub agent: bool,
+    /// Play the "done" earcon at the end of each turn.
+    pub done_earcon: bool,
+}
+
+impl TurnSettings {
+    pub fn from_config(t: &TurnConfig, aec: bool, agent: bool) -> Self {
+        TurnSettings {
+            end_silence_ms: t.end_silence_ms as Ms,
+            max_utterance_ms: t.max_utterance_ms as Ms,
+            response_timeout_ms: t.response_timeout_ms as Ms,
+            barge_in: t.barge_in == BargeIn::On,
+            barge_in_min_ms: t.barge_in_min_ms(aec) as Ms,
+            post_playback_mute_ms: t.post_playback_mute_ms as Ms,
+            agent,
+            done_earcon: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Candidate {
+    onset: Ms,
+    over_agent: bool,
+    frames: Vec<AudioFrame>,
+}
+
+#[derive(Debug)]
+pub struct TurnMachine {
+    s: TurnSettings,
+    state: State,
+    now: Ms,
+    connected: bool,
+    speech_active: bool,
+    /// Speech that is being ignored until it ends.
+    ignoring: bool,
+    turn_start: Ms,
+    turn_frames: u32,
+    last_speech_end: Option<Ms>,
+    awaiting_since: Ms,
+    agent_done: bool,
+    playing: bool,
+    mute_until: Ms,
+    /// A turn ended while offline: wait for the answer once reconnected.
+    pending_turn: bool,
+    candidate: Option<Candidate>,
+}
+
+impl TurnMachine {
+    /// A machine in Idle (no agent, or agent connected) or Disconnected (agent not yet connected).
+    pub fn new(s: TurnSettings) -> Self {
+        let state = if s.agent {
+            State::Disconnected
+        } else {
+            State::Idle
+        };
+        TurnMachine {
+            connected: !s.agent,
+            s,
+            state,
+            now: 0,
+            speech_active: false,
+            ignoring: false,
+            turn_start: 0,
+            turn_frames: 0,
+            last_speech_end: None,
+            awaiting_since: 0,
+            agent_done: false,
+            playing: false,
+            mute_until: 0,
+            pending_turn: false,
+            candidate: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn settings(&self) -> &TurnSettings {
+        &self.s
+    }
+
+    /// The next time at which a `Tick` can change something, if any.
+    pub fn poll_deadline(&self) -> Option<Ms> {
+        let mut d: Option<Ms> = None;
+        let mut at = |t: Ms| d = Some(d.map_or(t, |x: Ms| x.min(t)));
+        if let Some(c) = &self.candidate {
+            at(c.onset + self.s.barge_in_min_ms);
+        }
+        match self.state {
+            State::UserSpeaking => {
+                at(self.turn_start + self.s.max_utterance_ms);
+                if !self.speech_active
+                    && let Some(end) = self.last_speech_end
+                {
+                    at(end + self.s.end_silence_ms);
+                }
+            }
+            State::AwaitingAgent if self.connected => {
+                at(self.awaiting_since + self.s.response_timeout_ms)
+            }
+            _ => {}
+        }
+        d
+    }
+
+    pub fn handle(&mut self, now: Ms, input: Input) -> Actions {
+        self.now = self.now.max(now);
+        let mut out = Actions::new();
+        // Deadlines that passed before this input fire first.
+        self.check_deadlines(&mut out);
+        match input {
+            Input::SpeechStart { at } => self.speech_start(at, &mut out),
+            Input::SpeechEnd { at } => self.speech_end(at, &mut out),
+            Input::Frame(f) => self.frame(f, &mut out),
+            Input::Tick => {}
+            Input::PlaybackStarted => self.playing = true,
+            Input::PlaybackIdle => {
+                self.playing = false;
+                self.mute_until = self.now + self.s.post_playback_mute_ms;
+                if self.state == State::AgentSpeaking && self.agent_done {
+                    self.set_state(State::Idle, &mut out);
+                }
+            }
+            Input::AgentStarted => {
+                if self.state == State::AwaitingAgent {
+                    self.agent_done = false;
+                    self.set_state(State::AgentSpeaking, &mut out);
+                }
+            }
+            Input::AgentFinished => match self.state {
+                State::AgentSpeaking => {
+                    self.agent_done = true;
+                    if !self.playing {
+                        self.mute_until = self.now + self.s.post_playback_mute_ms;
+                        self.set_state(State::Idle, &mut out);
+                    }
+                }
+                State::AwaitingAgent => self.set_state(State::Idle, &mut out),
+                _ => {}
+            },
+            Input::AgentError => {
+                if matches!(self.state, State::AwaitingAgent | State::AgentSpeaking) {
+                    out.push(Action::PlayEarcon(Earcon::Error));
+                    self.set_state(State::Idle, &mut out);
+                }
+            }
+            Input::Connected => {
+                self.connected = true;
+                if self.state == State::Disconnected {
+                    if self.pending_turn {
+                        self.pending_turn = false;
+                        self.awaiting_since = self.now;
+                        self.set_state(State::AwaitingAgent, &mut out);
+                    } else {
+                        self.set_state(State::Idle, &mut out);
+                    }
+                }
+            }
+            Input::Disconnected => {
+                self.connected = false;
+                match self.state {
+                    // The user keeps talking; the session holds the frames until it reconnects.
+                    State::UserSpeaking | State::Disconnected => {}
+                    State::AwaitingAgent => {
+                        self.pending_turn = true;
+                        self.set_state(State::Disconnected, &mut out);
+                    }
+                    State::Idle | State::AgentSpeaking => {
+                        self.set_state(State::Disconnected, &mut out)
+                    }
+                }
+            }
+            Input::InputEnded => {
+                if let Some(c) = self.candidate.take() {
+                    out.push(Action::StopStream);
+                    out.push(Action::Discarded {
+                        onset: c.onset,
+                        reason: discard_reason(c.over_agent),
+                    });
+                }
+                if self.state == State::UserSpeaking {
+                    let end = self.last_speech_end.unwrap_or(self.now);
+                    self.end_turn(end, EndReason::InputEnded, &mut out);
+                }
+            }
+        }
+        self.check_deadlines(&mut out);
+        out
+    }
+
+    fn speech_start(&mut self, at: Ms, out: &mut Actions) {
+        self.speech_active = true;
+        match self.state {
+            State::UserSpeaking => self.last_speech_end = None,
+            State::AgentSpeaking if !self.s.barge_in => {
+                self.ignoring = true;
+                out.push(Action::StopStream);
+                out.push(Action::Discarded {
+                    onset: at,
+                    reason: DiscardReason::BargeInOff,
+                });
+            }
+            State::AgentSpeaking => {
+                self.candidate = Some(Candidate {
+                    onset: at,
+                    over_agent: true,
+                    frames: Vec::new(),
+                })
+            }
+            State::Idle | State::AwaitingAgent | State::Disconnected => {
+                if self.playing || at < self.mute_until {
+                    self.candidate = Some(Candidate {
+                        onset: at,
+                        over_agent: false,
+                        frames: Vec::new(),
+                    });
+                } else {
+                    self.start_turn(at, out);
+                }
+            }
+        }
+    }
+
+    fn speech_end(&mut self, at: Ms, out: &mut Actions) {
+        self.speech_active = false;
+        if self.ignoring {
+            self.ignoring = false;
+            return;
+        }
+        if let Some(c) = self.candidate.take() {
+            out.push(Action::StopStream);
+            out.push(Action::Discarded {
+                onset: c.onset,
+                reason: discard_reason(c.over_agent),
+            });
+            return;
+        }
+        if self.state == State::UserSpeaking {
+            self.last_speech_end = Some(at);
+        }
+    }
+
+    fn frame(&mut self, f: AudioFrame, out: &mut Actions) {
+        if self.state == State::UserSpeaking {
+            self.turn_frames += 1;
+            out.push(Action::SendFrame(f));
+        } else if let Some(c) = &mut self.candidate {
+            if c.frames.len() == MAX_CANDIDATE_FRAMES {
+                c.frames.remove(0);
+            }
+            c.frames.push(f);
+        }
+        // Otherwise the frame belongs to no turn (stream stop in flight): dropped.
+    }
+
+    fn start_turn(&mut self, at: Ms, out: &mut Actions) {
+        if self.state == State::AwaitingAgent {
+            // The user said more before the answer came: cancel it, this turn replaces it.
+            out.push(Action::Interrupt);
+        }
+        self.turn_start = at;
+        self.turn_frames = 0;
+        self.last_speech_end = None;
+        self.pending_turn = false;
+        self.set_state(State::UserSpeaking, out);
+        out.push(Action::TurnStarted { at });
+    }
+
+    fn end_turn(&mut self, at: Ms, reason: EndReason, out: &mut Actions) {
+        out.push(Action::StopStream);
+        out.push(Action::TurnEnded {
+            at,
+            duration_ms: at.saturating_sub(self.turn_start),
+            frames: self.turn_frames,
+            reason,
+        });
+        if self.s.done_earcon {
+            out.push(Action::PlayEarcon(Earcon::Done));
+        }
+        if reason == EndReason::MaxLength && self.speech_active {
+            self.ignoring = true; // the rest of this speech is not a new turn
+        }
+        self.last_speech_end = None;
+        if !self.s.agent {
+            self.set_state(State::Idle, out);
+        } else if self.connected {
+            self.awaiting_since = self.now;
+            self.set_state(State::AwaitingAgent, out);
+        } else {
+            self.pending_turn = true;
+            self.set_state(State::Disconnected, out);
+        }
+    }
+
+    fn check_deadlines(&mut self, out: &mut Actions) {
+        if let Some(c) = &self.candidate
+            && self.speech_active
+            && self.now >= c.onset + self.s.barge_in_min_ms
+        {
+            let Some(c) = self.candidate.take() else {
+                return;
+            };
+            out.push(Action::FlushPlayback);
+            if c.over_agent {
+                out.push(Action::Interrupt);
+                out.push(Action::BargeIn {
+                    onset: c.onset,
+                    at: self.now,
+                });
+            }
+            self.start_turn(c.onset, out);
+            for f in c.frames {
+                self.turn_frames += 1;
+                out.push(Action::SendFrame(f));
+            }
+        }
+        match self.state {
+            State::UserSpeaking => {
+                if self.now >= self.turn_start + self.s.max_utterance_ms {
+                    self.end_turn(self.now, EndReason::MaxLength, out);
+                } else if !self.speech_active
+                    && let Some(end) = self.last_speech_end
+                    && self.now >= end + self.s.end_silence_ms
+                {
+                    self.end_turn(end, EndReason::Silence, out);
+                }
+            }
+            State::AwaitingAgent
+                if self.connected
+                    && self.now >= self.awaiting_since + self.s.response_timeout_ms =>
+            {
+                out.push(Action::ResponseTimeout);
+                out.push(Action::PlayEarcon(Earcon::Error));
+                self.set_state(State::Idle, out);
+            }
+            _ => {}
+        }
+    }
+
+    fn set_state(&mut self, to: State, out: &mut Actions) {
+        if self.state != to {
+            out.push(Action::StateChanged {
+                from: self.state,
+                to,
+            });
+            self.state = to;
+        }
+    }
+}
+
+fn discard_reason(over_agent: bool) -> DiscardReason {
+    if over_agent {
+        DiscardReason::TooShortForBargeIn
+    } else {
+        DiscardReason::TooShortAfterPlayback
+    }
+}
