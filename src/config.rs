@@ -302,11 +302,78 @@ impl Default for EarconConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolKind {
+    Haip,
+}
+
+/// How the agent token is presented on the WebSocket upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenMode {
+    /// `?token=<jwt>` in the URL.
+    Query,
+    /// `Sec-WebSocket-Protocol: haip, token.<jwt>`.
+    Subprotocol,
+}
+
+/// Which trust anchors verify the agent's TLS certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRoots {
+    /// Mozilla's web PKI roots, built in.
+    Webpki,
+    /// The operating system's certificate store.
+    Os,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
+    pub protocol: ProtocolKind,
     /// Agent endpoint. Empty: no agent; `hearken run` captures, detects speech and logs each turn.
     pub url: String,
+    /// File holding the agent token (JWT). Empty: `$CREDENTIALS_DIRECTORY/agent-token` when systemd
+    /// provides it, else no token.
+    pub token_file: String,
+    pub token_mode: TokenMode,
+    /// Allow ws:// (unencrypted) to a host other than loopback.
+    pub allow_insecure: bool,
+    /// Extra CA certificate(s), PEM, for an agent behind a private CA.
+    pub ca_file: String,
+    pub tls_roots: TlsRoots,
+    /// Protocol and WebSocket ping interval.
+    pub ping_interval_s: u32,
+    /// Without any frame from the agent for this long, the connection is dead.
+    pub liveness_timeout_s: u32,
+    /// Largest frame accepted from the agent; larger ones end the connection (memory stays bounded).
+    pub max_frame_bytes: u32,
+    /// Reconnect backoff: first wait and cap (exponential with jitter between them).
+    pub reconnect_min_ms: u32,
+    pub reconnect_max_ms: u32,
+    /// Mic audio held while the agent pauses the channel or the network is down; oldest dropped beyond.
+    pub buffer_ms: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            protocol: ProtocolKind::Haip,
+            url: String::new(),
+            token_file: String::new(),
+            token_mode: TokenMode::Query,
+            allow_insecure: false,
+            ca_file: String::new(),
+            tls_roots: TlsRoots::Webpki,
+            ping_interval_s: 30,
+            liveness_timeout_s: 90,
+            max_frame_bytes: 4 * 1024 * 1024,
+            reconnect_min_ms: 1_000,
+            reconnect_max_ms: 30_000,
+            buffer_ms: 30_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -546,19 +613,69 @@ impl Config {
             ));
         }
         if !c.agent.url.is_empty() {
-            let scheme_ok = ["ws://", "wss://", "http://", "https://"]
-                .iter()
-                .any(|s| c.agent.url.starts_with(s));
-            if !scheme_ok {
+            let url = c.agent.url.as_str();
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return Err(err(
+                    "agent.url",
+                    format!("HAIP needs a ws:// or wss:// URL, got {url}"),
+                ));
+            }
+            if url.starts_with("ws://") && !c.agent.allow_insecure && !is_loopback_url(url) {
                 return Err(err(
                     "agent.url",
                     format!(
-                        "must start with ws://, wss://, http:// or https://, got {}",
-                        c.agent.url
+                        "ws:// (unencrypted) is only allowed to loopback; use wss:// or set agent.allow_insecure = true ({url})"
                     ),
                 ));
             }
         }
+        if !c.agent.token_file.is_empty() && !Path::new(&c.agent.token_file).is_file() {
+            return Err(err(
+                "agent.token_file",
+                format!("{} is not a readable file", c.agent.token_file),
+            ));
+        }
+        if !c.agent.ca_file.is_empty() && !Path::new(&c.agent.ca_file).is_file() {
+            return Err(err(
+                "agent.ca_file",
+                format!("{} is not a readable file", c.agent.ca_file),
+            ));
+        }
+        range("agent.ping_interval_s", c.agent.ping_interval_s, 1, 3_600)?;
+        range(
+            "agent.liveness_timeout_s",
+            c.agent.liveness_timeout_s,
+            2,
+            3_600,
+        )?;
+        if c.agent.liveness_timeout_s <= c.agent.ping_interval_s {
+            return Err(err(
+                "agent.liveness_timeout_s",
+                format!(
+                    "must be longer than agent.ping_interval_s ({}), got {}",
+                    c.agent.ping_interval_s, c.agent.liveness_timeout_s
+                ),
+            ));
+        }
+        range(
+            "agent.max_frame_bytes",
+            c.agent.max_frame_bytes,
+            4_096,
+            256 * 1024 * 1024,
+        )?;
+        range(
+            "agent.reconnect_min_ms",
+            c.agent.reconnect_min_ms,
+            10,
+            60_000,
+        )?;
+        range(
+            "agent.reconnect_max_ms",
+            c.agent.reconnect_max_ms,
+            c.agent.reconnect_min_ms,
+            600_000,
+        )?;
+        range("agent.buffer_ms", c.agent.buffer_ms, 0, 300_000)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
             return Err(err("log.level", format!("not a valid filter: {e}")));
         }
@@ -605,6 +722,23 @@ fn parse_value(raw: &str) -> toml::Value {
         Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
+}
+
+/// True for ws:// or http:// URLs whose host is loopback (127.0.0.0/8, ::1, localhost).
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn first_line(s: &str) -> String {
@@ -692,7 +826,19 @@ mod tests {
             dir = "/"
             volume = 0.2
             [agent]
-            url = "wss://agent.example/haip"
+            protocol = "haip"
+            url = "ws://10.0.0.5:8080/haip"
+            token_file = "/etc/hostname"
+            token_mode = "subprotocol"
+            allow_insecure = true
+            ca_file = "/etc/hostname"
+            tls_roots = "os"
+            ping_interval_s = 10
+            liveness_timeout_s = 30
+            max_frame_bytes = 65536
+            reconnect_min_ms = 500
+            reconnect_max_ms = 10000
+            buffer_ms = 5000
             [log]
             level = "hearken=debug"
             format = "json"
@@ -713,6 +859,18 @@ mod tests {
             panic!()
         };
         for (section, keys) in d {
+            if section == "agent" {
+                // protocol has a single value so far; check the others.
+                let (toml::Value::Table(dk), Some(toml::Value::Table(lk))) =
+                    (keys, l.get(&section))
+                else {
+                    panic!("agent")
+                };
+                for (k, v) in dk.into_iter().filter(|(k, _)| k != "protocol") {
+                    assert_ne!(Some(&v), lk.get(&k), "agent.{k} kept its default");
+                }
+                continue;
+            }
             let (toml::Value::Table(dk), Some(toml::Value::Table(lk))) = (keys, l.get(&section))
             else {
                 panic!("section {section}")
@@ -754,6 +912,18 @@ mod tests {
             ("[opus]\ncomplexity = 11", "opus.complexity"),
             ("[earcons]\ndir = \"/nonexistent/earcons\"", "earcons.dir"),
             ("[agent]\nurl = \"ftp://x\"", "agent.url"),
+            ("[agent]\nurl = \"ws://agent.example/haip\"", "agent.url"),
+            ("[agent]\nprotocol = \"sip\"", "agent.protocol"),
+            (
+                "[agent]\ntoken_file = \"/nonexistent/token\"",
+                "agent.token_file",
+            ),
+            ("[agent]\ntoken_mode = \"header\"", "agent.token_mode"),
+            (
+                "[agent]\nliveness_timeout_s = 20",
+                "agent.liveness_timeout_s",
+            ),
+            ("[agent]\nreconnect_max_ms = 100", "agent.reconnect_max_ms"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[log]\nlevel = \"hearken=loud\"", "log.level"),
         ];
@@ -792,6 +962,28 @@ mod tests {
         assert!(matches!(e, ConfigError::Override(_)));
         let e = Config::from_toml_str("", "f", &["turn.preroll_ms=-5".into()]).unwrap_err();
         assert_eq!(e.key(), Some("turn.preroll_ms"));
+    }
+
+    #[test]
+    fn loopback_urls() {
+        for u in [
+            "ws://127.0.0.1:8080/x",
+            "ws://localhost/",
+            "ws://[::1]:9/a",
+            "ws://127.9.9.9",
+            "ws://u:p@127.0.0.1/",
+        ] {
+            assert!(is_loopback_url(u), "{u}");
+        }
+        for u in [
+            "ws://10.0.0.1/",
+            "ws://example.com",
+            "ws://localhost.example.com/",
+            "ws://[::2]/",
+        ] {
+            assert!(!is_loopback_url(u), "{u}");
+        }
+        assert!(load("[agent]\nurl = \"ws://127.0.0.1:9000/haip\"").is_ok());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! sets up logging, `events` is the JSON-lines event stream, `bench` the built-in benchmarks.
 //! `turn`, `dsp` and `config` never touch sockets, tokio or cpal: they are unit-tested without hardware.
 
+pub mod agent;
 pub mod audio;
 pub mod bench;
 pub mod cli;
@@ -13,8 +14,10 @@ pub mod config;
 pub mod dsp;
 pub mod error;
 pub mod events;
+pub mod protocol;
 pub mod service;
 pub mod telemetry;
+pub mod transport;
 pub mod turn;
 
 pub use error::Error;
