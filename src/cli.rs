@@ -37,6 +37,38 @@ pub enum Command {
     CheckConfig,
     /// Measure the audio pipeline (stages alone and together) and a whole file run.
     Bench(BenchArgs),
+    /// The whole device against the built-in agent, no sound card needed: a scripted conversation
+    /// with a barge-in, a readable timeline and latency figures.
+    Demo(DemoArgs),
+    /// Serve the built-in reference agent for other devices.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Use the real microphone and speaker instead of the scripted conversation.
+    #[arg(long)]
+    pub live: bool,
+    /// Where to write what the speaker would have played.
+    #[arg(long, value_name = "WAV", default_value = "hearken-demo.wav")]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AgentProtocol {
+    Haip,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    #[arg(long, value_enum, default_value = "haip")]
+    pub protocol: AgentProtocol,
+    /// Address to listen on. Loopback by default; the agent has no TLS, so expose it with care.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Token devices must present (?token= or Sec-WebSocket-Protocol). Default: none required.
+    #[arg(long, env = "HEARKEN_AGENT_TOKEN")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args, Default, Clone)]

@@ -286,7 +286,7 @@ impl Default for OpusConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EarconConfig {
     pub enabled: bool,
-    /// Folder with listening.wav, done.wav, error.wav, working.wav; empty uses the built-in ones.
+    /// Folder with listening.wav, done.wav, error.wav, working.wav, tool_notice.wav; empty uses the built-in ones.
     pub dir: String,
     /// Earcon level relative to the agent's voice, 0.0-1.0.
     pub volume: f32,

@@ -50,6 +50,37 @@ pub enum EventKind {
     },
     ResponseTimeout,
     InputEnded,
+    AgentConnected {
+        session: String,
+    },
+    AgentDisconnected {
+        reason: String,
+        retry_ms: u64,
+    },
+    /// The agent started answering.
+    AgentResponse {
+        id: String,
+    },
+    /// A complete text message from the agent.
+    AgentText {
+        text: String,
+    },
+    AgentFinished {
+        id: String,
+        status: String,
+    },
+    AgentError {
+        code: String,
+        message: String,
+    },
+    AgentTool {
+        name: String,
+        state: String,
+    },
+    /// Frames of the user's turn that reached the agent.
+    FramesSent {
+        frames: u64,
+    },
     /// Last event of a run.
     Summary {
         turns: u32,
@@ -84,6 +115,8 @@ pub enum EventSink {
     None,
     /// JSON lines on a writer (stdout for `--events jsonl`).
     JsonLines(Box<dyn Write + Send>),
+    /// A timeline a person can read (`hearken demo`).
+    Timeline(Box<dyn Write + Send>),
 }
 
 impl EventSink {
@@ -95,7 +128,61 @@ impl EventSink {
                 let _ = w.flush();
             }
         }
+        if let EventSink::Timeline(w) = self
+            && let Some(text) = timeline_line(&e.kind)
+        {
+            let _ = writeln!(w, "[{:>7.2} s] {text}", e.audio_ms as f64 / 1000.0);
+            let _ = w.flush();
+        }
     }
+}
+
+/// One line of the human-readable timeline, or None for events too small to show.
+pub fn timeline_line(kind: &EventKind) -> Option<String> {
+    Some(match kind {
+        EventKind::DeviceOpened { input, output, vad } => {
+            format!("devices open: mic {input}, speaker {output}, VAD {vad}")
+        }
+        EventKind::DeviceError { message, retry_ms } => {
+            format!("audio device error: {message} (retry in {retry_ms} ms)")
+        }
+        EventKind::TurnStart => "user turn starts".into(),
+        EventKind::TurnEnd {
+            duration_ms,
+            frames,
+            reason,
+        } => format!(
+            "user turn ends ({reason:?}): {:.2} s of speech, {frames} Opus frames",
+            *duration_ms as f64 / 1000.0
+        ),
+        EventKind::BargeIn { onset_ms } => format!(
+            "BARGE-IN: the user spoke over the agent (speech began at {:.2} s)",
+            *onset_ms as f64 / 1000.0
+        ),
+        EventKind::PlaybackFlushed { output_ms } => format!(
+            "playback flushed (speaker position {:.2} s)",
+            *output_ms as f64 / 1000.0
+        ),
+        EventKind::Discarded { reason, .. } => format!("speech ignored ({reason:?})"),
+        EventKind::ResponseTimeout => "no answer from the agent in time".into(),
+        EventKind::InputEnded => "input ended".into(),
+        EventKind::AgentConnected { session } => format!("agent connected (session {session})"),
+        EventKind::AgentDisconnected { reason, retry_ms } => {
+            format!("agent link down: {reason}; reconnecting in {retry_ms} ms")
+        }
+        EventKind::AgentResponse { id } => format!("agent answers (run {id})"),
+        EventKind::AgentText { text } => format!("agent says: \"{text}\""),
+        EventKind::AgentFinished { status, .. } => format!("agent run finished: {status}"),
+        EventKind::AgentError { code, message } => format!("agent error {code}: {message}"),
+        EventKind::AgentTool { name, state } => format!("agent tool {name}: {state}"),
+        EventKind::FramesSent { frames } => {
+            format!("{frames} frames of the turn sent to the agent")
+        }
+        EventKind::Summary {
+            turns, barge_ins, ..
+        } => format!("done: {turns} turns, {barge_ins} barge-ins"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

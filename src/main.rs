@@ -47,6 +47,14 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => hearken::bench::run(&config, &args),
         Command::Run(args) => hearken::service::run_cli(config, &args),
+        Command::Demo(args) => hearken::demo::run(
+            config,
+            &hearken::demo::DemoOptions {
+                live: args.live,
+                output: args.output,
+            },
+        ),
+        Command::Agent(args) => hearken::agent::run_cli(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

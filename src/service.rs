@@ -1,10 +1,12 @@
-//! Wiring: starts the DSP worker on the chosen devices, runs the TurnMachine on tokio over the worker's
-//! events, carries out its actions (stop the stream, flush playback, earcons, frames to the agent), writes
-//! the event stream, and shuts down on SIGTERM/SIGINT or when a file input has been fully processed.
+//! Wiring: starts the DSP worker on the chosen devices and, when an agent is configured, the agent link;
+//! runs the TurnMachine on tokio over their events and carries out its actions (stop the stream, flush
+//! playback, earcons, frames and turn ends to the agent, interrupts); writes the event stream; shuts
+//! down on SIGTERM/SIGINT or when a file input has been fully processed.
 //!
-//! Without an agent (issue-2 scope, and a mic check on a fresh Pi), each turn is logged with its start,
-//! end, duration and the number of Opus frames encoded.
+//! Without an agent (a mic check on a fresh Pi), each turn is logged with its start, end, duration and
+//! the number of Opus frames encoded.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,9 +20,14 @@ use crate::audio::rt::RtSnapshot;
 use crate::audio::{Capture, DeviceError, DeviceFactory, Playback, StreamFormat};
 use crate::cli::{EventFormat, RunArgs};
 use crate::config::Config;
-use crate::dsp::worker::{self, Control, WorkerEvent, WorkerSettings};
+use crate::dsp::worker::{self, Control, WorkerEvent, WorkerHandle, WorkerSettings};
 use crate::events::{Event, EventKind, EventSink};
+use crate::link::{self, FrameMeta, LinkCmd, LinkEvent, LinkHandle, Player};
+use crate::protocol::{AudioCodec, Downlink, FinishStatus, ToolState, Uplink};
 use crate::turn::{Action, EndReason, Input, State, TurnMachine, TurnSettings};
+
+/// A tool call running longer than this gets the spoken notice.
+const TOOL_NOTICE_AFTER_MS: u64 = 2_000;
 
 /// Where audio comes from and goes to.
 pub enum Io {
@@ -62,6 +69,16 @@ pub struct RunReport {
     pub barge_ins: u32,
     /// Barge-in onset in the mic -> playback faded, in audio ms.
     pub barge_in_flush_ms: Vec<u64>,
+    /// Live frames: last sample captured -> frame written to the socket, in µs.
+    pub frame_to_socket_us: Vec<u64>,
+    /// End of the user's speech -> end of turn written to the socket, in ms.
+    pub speech_end_to_turn_sent_ms: Vec<u64>,
+    /// Complete text messages from the agent.
+    pub agent_texts: Vec<String>,
+    pub agent_runs: u32,
+    pub agent_connects: u32,
+    pub agent_disconnects: u32,
+    pub skipped_frames: u32,
     pub counters: RtSnapshot,
     pub events: Vec<Event>,
     pub peak_rss_kib: Option<u64>,
@@ -85,18 +102,7 @@ pub fn run_cli(config: Config, args: &RunArgs) -> anyhow::Result<()> {
         Some(EventFormat::Jsonl) => EventSink::JsonLines(Box::new(std::io::stdout())),
         None => EventSink::None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = rt.block_on(async move {
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            let _ = tx.send(true);
-        });
+    let report = runtime()?.block_on(async move {
         run(
             config,
             RunOptions {
@@ -104,7 +110,7 @@ pub fn run_cli(config: Config, args: &RunArgs) -> anyhow::Result<()> {
                 events,
                 record_events: false,
             },
-            rx,
+            signal_shutdown(),
         )
         .await
     })?;
@@ -118,6 +124,25 @@ pub fn run_cli(config: Config, args: &RunArgs) -> anyhow::Result<()> {
         "done"
     );
     Ok(())
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A shutdown flag that turns true on SIGTERM or SIGINT. Call inside the runtime.
+pub fn signal_shutdown() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 async fn wait_for_signal() {
@@ -165,21 +190,8 @@ fn output_format(config: &Config) -> StreamFormat {
     }
 }
 
-/// Run the device until `shutdown` turns true, the worker stops, or a file input is done.
-pub async fn run(
-    config: Config,
-    mut opts: RunOptions,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<RunReport> {
-    let earcons = if config.earcons.enabled {
-        Some(
-            Earcons::load(&config.earcons.dir, config.earcons.volume)
-                .map_err(crate::Error::from)?,
-        )
-    } else {
-        None
-    };
-    let (devices, fast, live): (Box<dyn DeviceFactory>, bool, bool) = match &opts.io {
+fn devices(config: &Config, io: &Io) -> (Box<dyn DeviceFactory>, bool, bool) {
+    match io {
         Io::Live => (
             Box::new(crate::audio::cpal::CpalDevices::new(config.audio.clone())),
             false,
@@ -191,7 +203,7 @@ pub async fn run(
                 playback: Box::new(FileDevices::new(
                     None,
                     OutputKind::Wav(output.clone()),
-                    output_format(&config),
+                    output_format(config),
                     Pacing::Realtime,
                     0,
                 )),
@@ -213,7 +225,7 @@ pub async fn run(
                 Box::new(FileDevices::new(
                     Some(input.clone()),
                     output.clone(),
-                    output_format(&config),
+                    output_format(config),
                     pacing,
                     0,
                 )),
@@ -221,15 +233,26 @@ pub async fn run(
                 false,
             )
         }
-    };
-    if !config.agent.url.is_empty() {
-        tracing::warn!(
-            url = %config.agent.url,
-            "agent protocols are not built in yet; running without an agent (turns are logged)"
-        );
     }
-    let turn_settings = TurnSettings::from_config(&config.turn, false, false);
-    let mut handle = worker::spawn(
+}
+
+/// Run the device until `shutdown` turns true, the worker stops, or a file input is done.
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<RunReport> {
+    let earcons = if config.earcons.enabled {
+        Some(
+            Earcons::load(&config.earcons.dir, config.earcons.volume)
+                .map_err(crate::Error::from)?,
+        )
+    } else {
+        None
+    };
+    let (devices, fast, live) = devices(&config, &opts.io);
+    let agent = !config.agent.url.is_empty();
+    let handle = worker::spawn(
         WorkerSettings {
             config: config.clone(),
             earcons,
@@ -238,42 +261,167 @@ pub async fn run(
         devices,
     )
     .context("cannot start the DSP thread")?;
-
-    let mut tm = TurnMachine::new(turn_settings);
-    let mut report = RunReport::default();
-    let mut ctx = Ctx {
-        sink: &mut opts.events,
+    let link = agent.then(|| {
+        link::spawn(
+            &config,
+            Player {
+                audio: handle.audio.clone(),
+                flush: handle.flush.clone(),
+            },
+            shutdown.clone(),
+        )
+    });
+    let mut svc = Service {
+        tm: TurnMachine::new(TurnSettings::from_config(&config.turn, false, agent)),
+        config,
+        handle,
+        link,
+        sink: opts.events,
         record: opts.record_events,
-        report: &mut report,
+        report: RunReport::default(),
         now: 0,
+        live,
+        epoch: None,
+        opened_once: false,
+        input_ended: None,
+        playing: false,
+        ticks_since_request: u32::MAX,
+        turn_start: 0,
+        turn_frames_sent: 0,
+        speech_start: None,
+        last_speech_end: 0,
+        pending_barge_in: None,
+        texts: HashMap::new(),
+        tools: HashMap::new(),
     };
-    let mut opened_once = false;
-    let mut input_ended = false;
-    let mut playing = false;
-    let mut ticks_since_request = u32::MAX;
-    let mut turn_start = 0u64;
-    let mut speech_start = None;
-    let mut pending_barge_in: Option<u64> = None;
-    let mut ended_at = None::<Instant>;
-    let mut counters_timer = tokio::time::interval(Duration::from_secs(
-        config.log.counters_interval_s.max(1) as u64,
-    ));
-    counters_timer.tick().await;
-    loop {
-        let ev = tokio::select! {
-            ev = handle.events.recv() => ev,
-            _ = shutdown.changed() => break,
-            _ = counters_timer.tick(), if config.log.counters_interval_s > 0 => {
-                let c = handle.counters.snapshot();
-                tracing::info!(xruns = c.xruns, capture_dropped = c.capture_dropped,
-                    underrun_frames = c.underrun_frames, "audio counters");
-                continue;
+    let result = svc.main_loop(shutdown).await;
+    svc.finish().await;
+    result.map(|()| svc.report)
+}
+
+struct Service {
+    config: Config,
+    tm: TurnMachine,
+    handle: WorkerHandle,
+    link: Option<LinkHandle>,
+    sink: EventSink,
+    record: bool,
+    report: RunReport,
+    /// The audio clock (ms of input processed).
+    now: u64,
+    live: bool,
+    /// Wall time of audio clock 0.
+    epoch: Option<Instant>,
+    opened_once: bool,
+    input_ended: Option<Instant>,
+    playing: bool,
+    ticks_since_request: u32,
+    turn_start: u64,
+    turn_frames_sent: u64,
+    speech_start: Option<u64>,
+    last_speech_end: u64,
+    pending_barge_in: Option<u64>,
+    /// Agent text being streamed, by message id.
+    texts: HashMap<String, String>,
+    /// Running tool calls: (name, started at, notice played).
+    tools: HashMap<String, (String, u64, bool)>,
+}
+
+impl Service {
+    async fn main_loop(&mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let counters_s = self.config.log.counters_interval_s;
+        let mut counters_timer =
+            tokio::time::interval(Duration::from_secs(counters_s.max(1) as u64));
+        counters_timer.tick().await;
+        // After a file input ends, time goes on as silence so deadlines (end of turn, response
+        // timeout) still fire.
+        let mut after_end = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            let has_link = self.link.is_some();
+            tokio::select! {
+                ev = self.handle.events.recv() => {
+                    let Some(ev) = ev else {
+                        anyhow::bail!("the audio worker stopped (see the errors above)");
+                    };
+                    self.on_worker(ev).await?;
+                }
+                ev = async { match self.link.as_mut() { Some(l) => l.events.recv().await, None => None } }, if has_link => {
+                    if let Some(ev) = ev {
+                        self.on_link(ev).await;
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+                _ = counters_timer.tick(), if counters_s > 0 => {
+                    let c = self.handle.counters.snapshot();
+                    tracing::info!(xruns = c.xruns, capture_dropped = c.capture_dropped,
+                        underrun_frames = c.underrun_frames, "audio counters");
+                }
+                _ = after_end.tick(), if self.input_ended.is_some() => {
+                    self.now += 10;
+                    self.feed(Input::Tick).await;
+                    self.tick_tools().await;
+                }
             }
+            if let Some(ended) = self.input_ended {
+                let settled = matches!(self.tm.state(), State::Idle | State::Disconnected);
+                let drained = self.ticks_since_request >= 2 && !self.playing;
+                let limit = Duration::from_secs(if self.link.is_some() { 30 } else { 10 });
+                if (settled && drained) || ended.elapsed() > limit {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.stop().await;
+        }
+        self.handle.shutdown();
+        let counters = self.handle.counters.snapshot();
+        self.report.audio_ms = self.now;
+        self.report.counters = counters;
+        self.report.peak_rss_kib = peak_rss_kib();
+        let summary = EventKind::Summary {
+            turns: self.report.turns.len() as u32,
+            frames: self.report.frames_sent,
+            barge_ins: self.report.barge_ins,
+            xruns: counters.xruns,
+            capture_dropped: counters.capture_dropped,
+            peak_rss_kib: self.report.peak_rss_kib,
         };
-        let Some(ev) = ev else {
-            // The worker ended on its own: a device error it cannot recover from.
-            anyhow::bail!("the audio worker stopped (see the errors above)");
-        };
+        self.emit(summary);
+    }
+
+    fn emit(&mut self, kind: EventKind) {
+        let now = self.now;
+        self.emit_at(kind, now);
+    }
+
+    fn emit_at(&mut self, kind: EventKind, at: u64) {
+        let e = Event::new(kind, at);
+        self.sink.emit(&e);
+        if self.record {
+            self.report.events.push(e);
+        }
+    }
+
+    fn earcon(&mut self, e: Earcon) {
+        if self.handle.control.try_send(Control::Earcon(e)).is_ok() {
+            self.ticks_since_request = 0;
+        }
+    }
+
+    async fn send_link(&mut self, up: Uplink, frame: Option<FrameMeta>) {
+        if let Some(link) = &self.link {
+            // Bounded; the link takes items promptly (it buffers them itself while offline).
+            if link.tx.send(LinkCmd { up, frame }).await.is_err() {
+                tracing::error!("the agent link stopped");
+            }
+        }
+    }
+
+    async fn on_worker(&mut self, ev: WorkerEvent) -> anyhow::Result<()> {
         let input = match ev {
             WorkerEvent::DevicesOpened {
                 input,
@@ -281,45 +429,43 @@ pub async fn run(
                 input_format,
                 output_format,
                 vad,
+                started_at,
             } => {
                 tracing::info!(%input, %output, %input_format, %output_format, vad, "audio devices open");
-                ctx.emit(EventKind::DeviceOpened {
+                self.emit(EventKind::DeviceOpened {
                     input,
                     output,
                     vad: vad.into(),
                 });
-                if live
-                    && !opened_once
-                    && handle
-                        .control
-                        .try_send(Control::Earcon(Earcon::Listening))
-                        .is_ok()
-                {
-                    ticks_since_request = 0;
+                if self.epoch.is_none() {
+                    self.epoch = Some(started_at);
                 }
-                opened_once = true;
+                if self.live && !self.opened_once {
+                    self.earcon(Earcon::Listening);
+                }
+                self.opened_once = true;
                 None
             }
             WorkerEvent::DeviceError { message, retry_ms } => {
                 tracing::warn!(error = %message, retry_ms, "audio device unavailable; retrying");
-                ctx.emit(EventKind::DeviceError { message, retry_ms });
-                if !live {
+                self.emit(EventKind::DeviceError { message, retry_ms });
+                if !self.live {
                     anyhow::bail!("audio input failed");
                 }
                 None
             }
             WorkerEvent::SpeechStart { at_ms } => {
                 tracing::debug!(at_ms, "speech start");
-                ctx.now = ctx.now.max(at_ms);
-                ctx.emit_at(EventKind::SpeechStart, at_ms);
-                speech_start = Some(at_ms);
+                self.now = self.now.max(at_ms);
+                self.emit_at(EventKind::SpeechStart, at_ms);
+                self.speech_start = Some(at_ms);
                 Some(Input::SpeechStart { at: at_ms })
             }
             WorkerEvent::SpeechEnd { at_ms } => {
                 tracing::debug!(at_ms, "speech end");
-                ctx.emit_at(EventKind::SpeechEnd, at_ms);
-                if let Some(s) = speech_start.take() {
-                    ctx.report.speech.push((s, at_ms));
+                self.emit_at(EventKind::SpeechEnd, at_ms);
+                if let Some(s) = self.speech_start.take() {
+                    self.report.speech.push((s, at_ms));
                 }
                 Some(Input::SpeechEnd { at: at_ms })
             }
@@ -337,163 +483,287 @@ pub async fn run(
                 None
             }
             WorkerEvent::PlaybackStarted { at_ms } => {
-                ctx.now = ctx.now.max(at_ms);
-                playing = true;
+                self.now = self.now.max(at_ms);
+                self.playing = true;
                 Some(Input::PlaybackStarted)
             }
             WorkerEvent::PlaybackIdle { at_ms } => {
-                ctx.now = ctx.now.max(at_ms);
-                playing = false;
+                self.now = self.now.max(at_ms);
+                self.playing = false;
                 Some(Input::PlaybackIdle)
             }
             WorkerEvent::Flushed {
                 output_ms, at_ms, ..
             } => {
-                ctx.emit_at(EventKind::PlaybackFlushed { output_ms }, at_ms);
-                if let Some(onset) = pending_barge_in.take() {
-                    ctx.report
-                        .barge_in_flush_ms
-                        .push(output_ms.saturating_sub(onset));
+                self.emit_at(EventKind::PlaybackFlushed { output_ms }, at_ms);
+                if let Some(onset) = self.pending_barge_in.take() {
+                    let latency = output_ms.saturating_sub(onset);
+                    tracing::info!(latency_ms = latency, "playback flushed after barge-in");
+                    self.report.barge_in_flush_ms.push(latency);
                 }
                 None
             }
             WorkerEvent::InputEnded { at_ms } => {
-                ctx.now = ctx.now.max(at_ms);
-                ctx.emit(EventKind::InputEnded);
-                input_ended = true;
-                ended_at = Some(Instant::now());
+                self.now = self.now.max(at_ms);
+                self.emit(EventKind::InputEnded);
+                self.input_ended = Some(Instant::now());
                 Some(Input::InputEnded)
             }
             WorkerEvent::Tick { at_ms } => {
-                ctx.now = ctx.now.max(at_ms);
-                ticks_since_request = ticks_since_request.saturating_add(1);
+                self.now = self.now.max(at_ms);
+                self.ticks_since_request = self.ticks_since_request.saturating_add(1);
+                self.tick_tools().await;
                 Some(Input::Tick)
             }
         };
         if let Some(input) = input {
-            for action in tm.handle(ctx.now, input) {
-                match action {
-                    Action::StateChanged { from, to } => {
-                        tracing::debug!(?from, ?to, "state");
-                        ctx.emit(EventKind::StateChange { from, to });
+            self.feed(input).await;
+        }
+        Ok(())
+    }
+
+    async fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected { session } => {
+                self.report.agent_connects += 1;
+                self.emit(EventKind::AgentConnected { session });
+                self.feed(Input::Connected).await;
+            }
+            LinkEvent::Disconnected {
+                reason,
+                retry_ms,
+                auth: _,
+            } => {
+                self.report.agent_disconnects += 1;
+                self.texts.clear();
+                self.tools.clear();
+                self.emit(EventKind::AgentDisconnected { reason, retry_ms });
+                self.feed(Input::Disconnected).await;
+            }
+            LinkEvent::Skipped { reason: _ } => self.report.skipped_frames += 1,
+            LinkEvent::Dropped { frames } => {
+                tracing::warn!(
+                    frames,
+                    "mic audio dropped while the agent was unreachable (buffer full)"
+                );
+            }
+            LinkEvent::FrameSent { meta, at } => {
+                if meta.live
+                    && let Some(epoch) = self.epoch
+                {
+                    let captured = epoch + Duration::from_millis(meta.end_ms);
+                    let us = at.saturating_duration_since(captured).as_micros() as u64;
+                    self.report.frame_to_socket_us.push(us);
+                }
+            }
+            LinkEvent::TurnEndSent { at } => {
+                if let Some(epoch) = self.epoch {
+                    let spoken = epoch + Duration::from_millis(self.last_speech_end);
+                    let ms = at.saturating_duration_since(spoken).as_millis() as u64;
+                    self.report.speech_end_to_turn_sent_ms.push(ms);
+                }
+            }
+            LinkEvent::AgentAudio { bytes: _ } => self.feed(Input::AgentStarted).await,
+            LinkEvent::Down(d) => self.on_downlink(d).await,
+        }
+    }
+
+    async fn on_downlink(&mut self, d: Downlink) {
+        match d {
+            Downlink::Ready { .. } => {}
+            Downlink::ResponseStarted { id } => {
+                self.report.agent_runs += 1;
+                self.emit(EventKind::AgentResponse { id });
+                self.feed(Input::AgentStarted).await;
+            }
+            Downlink::TextDelta { message_id, text } => {
+                self.texts.entry(message_id).or_default().push_str(&text);
+                self.feed(Input::AgentStarted).await;
+            }
+            Downlink::TextDone { message_id } => {
+                let text = self.texts.remove(&message_id).unwrap_or_default();
+                tracing::info!(%text, "agent text");
+                self.report.agent_texts.push(text.clone());
+                self.emit(EventKind::AgentText { text });
+            }
+            Downlink::Audio { .. } => {} // the link sends audio straight to the worker
+            Downlink::Tool {
+                call_id,
+                name,
+                state,
+            } => {
+                let label = match state {
+                    ToolState::Started => "started",
+                    ToolState::Progress => "running",
+                    ToolState::Done => "done",
+                };
+                self.emit(EventKind::AgentTool {
+                    name: name.clone(),
+                    state: label.into(),
+                });
+                match state {
+                    ToolState::Started => {
+                        self.earcon(Earcon::Working);
+                        self.tools.insert(call_id, (name, self.now, false));
                     }
-                    Action::TurnStarted { at } => {
-                        turn_start = at;
-                        tracing::info!(at_ms = at, "turn start");
-                        ctx.emit_at(EventKind::TurnStart, at);
-                    }
-                    Action::SendFrame(_f) => {
-                        // No agent in this build: the frame is counted, not sent.
-                        ctx.report.frames_sent += 1;
-                    }
-                    Action::TurnEnded {
-                        at,
-                        duration_ms,
-                        frames,
-                        reason,
-                    } => {
-                        tracing::info!(
-                            start_ms = turn_start,
-                            end_ms = at,
-                            duration_ms,
-                            frames,
-                            ?reason,
-                            "turn end"
-                        );
-                        ctx.report.turns.push(TurnReport {
-                            start_ms: turn_start,
-                            end_ms: at,
-                            duration_ms,
-                            frames,
-                            reason,
-                        });
-                        ctx.emit(EventKind::TurnEnd {
-                            duration_ms,
-                            frames,
-                            reason,
-                        });
-                    }
-                    Action::StopStream => {
-                        let _ = handle.control.try_send(Control::StopStream);
-                    }
-                    Action::FlushPlayback => {
-                        handle.flush.request();
-                    }
-                    Action::Interrupt => {
-                        tracing::debug!("interrupt (no agent to tell)");
-                    }
-                    Action::BargeIn { onset, at } => {
-                        tracing::info!(onset_ms = onset, decided_ms = at, "barge-in");
-                        ctx.report.barge_ins += 1;
-                        pending_barge_in = Some(onset);
-                        ctx.emit(EventKind::BargeIn { onset_ms: onset });
-                    }
-                    Action::Discarded { onset, reason } => {
-                        tracing::debug!(onset_ms = onset, ?reason, "speech discarded");
-                        ctx.emit(EventKind::Discarded {
-                            onset_ms: onset,
-                            reason,
-                        });
-                    }
-                    Action::PlayEarcon(e) => {
-                        if handle.control.try_send(Control::Earcon(e)).is_ok() {
-                            ticks_since_request = 0;
-                        }
-                        ctx.emit(EventKind::Earcon { earcon: e });
-                    }
-                    Action::ResponseTimeout => {
-                        tracing::warn!("no answer from the agent in time");
-                        ctx.emit(EventKind::ResponseTimeout);
+                    ToolState::Progress => {}
+                    ToolState::Done => {
+                        self.tools.remove(&call_id);
                     }
                 }
             }
-        }
-        if input_ended && tm.state() != State::UserSpeaking {
-            // Let queued earcons play out into the output, then stop.
-            let drained = ticks_since_request >= 2 && !playing;
-            let stuck = ended_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10));
-            if drained || stuck {
-                break;
+            Downlink::ResponseFinished { id, status } => {
+                let label = match status {
+                    FinishStatus::Ok => "ok",
+                    FinishStatus::Cancelled => "cancelled",
+                    FinishStatus::Error => "error",
+                };
+                self.emit(EventKind::AgentFinished {
+                    id,
+                    status: label.into(),
+                });
+                let input = if status == FinishStatus::Error {
+                    Input::AgentError
+                } else {
+                    Input::AgentFinished
+                };
+                self.feed(input).await;
+            }
+            Downlink::Error {
+                code,
+                message,
+                fatal,
+            } => {
+                if fatal {
+                    tracing::error!(%code, %message, "fatal agent error; reconnecting");
+                } else {
+                    tracing::warn!(%code, %message, "agent error");
+                }
+                self.emit(EventKind::AgentError { code, message });
+            }
+            Downlink::Unknown { kind, reason } => {
+                tracing::debug!(%kind, %reason, "agent frame not acted on");
             }
         }
     }
-    handle.shutdown();
-    let audio_ms = ctx.now;
-    let counters = handle.counters.snapshot();
-    let peak_rss_kib = peak_rss_kib();
-    ctx.report.audio_ms = audio_ms;
-    ctx.report.counters = counters;
-    ctx.report.peak_rss_kib = peak_rss_kib;
-    let summary = EventKind::Summary {
-        turns: ctx.report.turns.len() as u32,
-        frames: ctx.report.frames_sent,
-        barge_ins: ctx.report.barge_ins,
-        xruns: counters.xruns,
-        capture_dropped: counters.capture_dropped,
-        peak_rss_kib,
-    };
-    ctx.emit(summary);
-    Ok(report)
-}
 
-struct Ctx<'a> {
-    sink: &'a mut EventSink,
-    record: bool,
-    report: &'a mut RunReport,
-    now: u64,
-}
-
-impl Ctx<'_> {
-    fn emit(&mut self, kind: EventKind) {
+    /// A tool call still running after a while gets a short spoken notice, once.
+    async fn tick_tools(&mut self) {
         let now = self.now;
-        self.emit_at(kind, now);
+        let mut notice = false;
+        for (name, started, noticed) in self.tools.values_mut() {
+            if !*noticed && now >= *started + TOOL_NOTICE_AFTER_MS {
+                *noticed = true;
+                notice = true;
+                tracing::info!(tool = %name, "tool call running long; telling the user");
+            }
+        }
+        if notice {
+            self.earcon(Earcon::ToolNotice);
+        }
     }
 
-    fn emit_at(&mut self, kind: EventKind, at: u64) {
-        let e = Event::new(kind, at);
-        self.sink.emit(&e);
-        if self.record {
-            self.report.events.push(e);
+    async fn feed(&mut self, input: Input) {
+        let actions = self.tm.handle(self.now, input);
+        for action in actions {
+            self.act(action).await;
+        }
+    }
+
+    async fn act(&mut self, action: Action) {
+        match action {
+            Action::StateChanged { from, to } => {
+                tracing::debug!(?from, ?to, "state");
+                self.emit(EventKind::StateChange { from, to });
+            }
+            Action::TurnStarted { at } => {
+                self.turn_start = at;
+                self.turn_frames_sent = 0;
+                tracing::info!(at_ms = at, "turn start");
+                self.emit_at(EventKind::TurnStart, at);
+                self.send_link(Uplink::TurnStart, None).await;
+            }
+            Action::SendFrame(f) => {
+                self.report.frames_sent += 1;
+                self.turn_frames_sent += 1;
+                let meta = FrameMeta {
+                    end_ms: f.at_ms + f.duration_ms as u64,
+                    live: f.live,
+                };
+                let up = Uplink::Audio {
+                    codec: AudioCodec::Opus,
+                    rate_hz: crate::dsp::codec::UPLINK_RATE_HZ,
+                    channels: 1,
+                    duration_ms: f.duration_ms,
+                    data: f.packet,
+                };
+                self.send_link(up, Some(meta)).await;
+            }
+            Action::TurnEnded {
+                at,
+                duration_ms,
+                frames,
+                reason,
+            } => {
+                tracing::info!(
+                    start_ms = self.turn_start,
+                    end_ms = at,
+                    duration_ms,
+                    frames,
+                    ?reason,
+                    "turn end"
+                );
+                self.last_speech_end = at;
+                self.report.turns.push(TurnReport {
+                    start_ms: self.turn_start,
+                    end_ms: at,
+                    duration_ms,
+                    frames,
+                    reason,
+                });
+                self.emit(EventKind::TurnEnd {
+                    duration_ms,
+                    frames,
+                    reason,
+                });
+                if self.link.is_some() {
+                    let frames = self.turn_frames_sent;
+                    self.emit(EventKind::FramesSent { frames });
+                }
+                self.send_link(Uplink::TurnEnd { duration_ms }, None).await;
+            }
+            Action::StopStream => {
+                let _ = self.handle.control.try_send(Control::StopStream);
+            }
+            Action::FlushPlayback => {
+                self.handle.flush.request();
+            }
+            Action::Interrupt => {
+                self.texts.clear();
+                self.tools.clear();
+                self.send_link(Uplink::Interrupt, None).await;
+            }
+            Action::BargeIn { onset, at } => {
+                tracing::info!(onset_ms = onset, decided_ms = at, "barge-in");
+                self.report.barge_ins += 1;
+                self.pending_barge_in = Some(onset);
+                self.emit(EventKind::BargeIn { onset_ms: onset });
+            }
+            Action::Discarded { onset, reason } => {
+                tracing::debug!(onset_ms = onset, ?reason, "speech discarded");
+                self.emit(EventKind::Discarded {
+                    onset_ms: onset,
+                    reason,
+                });
+            }
+            Action::PlayEarcon(e) => {
+                self.earcon(e);
+                self.emit(EventKind::Earcon { earcon: e });
+            }
+            Action::ResponseTimeout => {
+                tracing::warn!("no answer from the agent in time");
+                self.emit(EventKind::ResponseTimeout);
+            }
         }
     }
 }

@@ -46,4 +46,11 @@ gap 0.1 "$TMP/gap.wav"
 "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$OUT/working.wav" \
   synth 0.06 sine 1000 fade h "$FADE" 0.06 0.045 gain -n "$PEAK"
 
+# tool_notice: the short spoken notice played when a tool call runs long ("One moment."),
+# espeak-ng en-us at 165 wpm, leading/trailing silence trimmed, 16 kHz, peak -6 dBFS.
+# Requires espeak-ng as well.
+espeak-ng -v en-us -s 165 -w "$TMP/notice.wav" "One moment."
+"${SOX[@]}" "$TMP/notice.wav" "${FMT[@]}" "$OUT/tool_notice.wav" \
+  silence 1 0.01 0.5% reverse silence 1 0.01 0.5% reverse rate -v 16k gain -n -6
+
 echo "earcons written to $OUT"

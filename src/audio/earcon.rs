@@ -19,14 +19,17 @@ pub enum Earcon {
     Error,
     /// The agent is working (a tool call); may repeat.
     Working,
+    /// A spoken "One moment." for a tool call that runs long.
+    ToolNotice,
 }
 
 impl Earcon {
-    pub const ALL: [Earcon; 4] = [
+    pub const ALL: [Earcon; 5] = [
         Earcon::Listening,
         Earcon::Done,
         Earcon::Error,
         Earcon::Working,
+        Earcon::ToolNotice,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl Earcon {
             Earcon::Done => "done.wav",
             Earcon::Error => "error.wav",
             Earcon::Working => "working.wav",
+            Earcon::ToolNotice => "tool_notice.wav",
         }
     }
 
@@ -44,6 +48,7 @@ impl Earcon {
             Earcon::Done => include_bytes!("../../audio/earcons/done.wav"),
             Earcon::Error => include_bytes!("../../audio/earcons/error.wav"),
             Earcon::Working => include_bytes!("../../audio/earcons/working.wav"),
+            Earcon::ToolNotice => include_bytes!("../../audio/earcons/tool_notice.wav"),
         }
     }
 }
@@ -58,7 +63,7 @@ pub struct Sound {
 /// The four earcons, decoded.
 #[derive(Debug, Clone)]
 pub struct Earcons {
-    sounds: [Sound; 4],
+    sounds: [Sound; 5],
 }
 
 impl Earcons {
@@ -85,6 +90,7 @@ impl Earcons {
                 load_one(Earcon::Done)?,
                 load_one(Earcon::Error)?,
                 load_one(Earcon::Working)?,
+                load_one(Earcon::ToolNotice)?,
             ],
         })
     }
@@ -143,7 +149,8 @@ mod tests {
             assert_eq!(s.rate_hz, 16_000, "{e:?}");
             assert!(s.samples.len() > 16_000 / 100, "{e:?} too short");
             let peak = s.samples.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            assert!(peak > 0.1 && peak < 0.5, "{e:?} peak {peak}");
+            // Tones at -12 dBFS, the spoken notice at -6 dBFS.
+            assert!(peak > 0.1 && peak < 0.6, "{e:?} peak {peak}");
             let hpeak = half
                 .get(e)
                 .samples

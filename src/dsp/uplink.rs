@@ -44,6 +44,8 @@ pub enum UplinkEvent<'a> {
         at: u64,
         samples: usize,
         packet: &'a [u8],
+        /// Encoded as its last sample arrived (false for pre-roll frames sent in a burst).
+        live: bool,
     },
     /// The stream ended by itself (`max_stream_ms`).
     StreamCapped {
@@ -226,7 +228,7 @@ impl Uplink {
                 self.frame_fill += take;
                 done += take;
                 if self.frame_fill == self.frame.len() {
-                    self.emit_frame(at, emit);
+                    self.emit_frame(at, false, emit);
                     at += self.frame.len() as u64;
                 }
             }
@@ -249,12 +251,12 @@ impl Uplink {
             done += take;
             if self.frame_fill == self.frame.len() {
                 let frame_start = start + done as u64 - self.frame.len() as u64;
-                self.emit_frame(frame_start, emit);
+                self.emit_frame(frame_start, true, emit);
             }
         }
     }
 
-    fn emit_frame(&mut self, at: u64, emit: &mut dyn FnMut(UplinkEvent<'_>)) {
+    fn emit_frame(&mut self, at: u64, live: bool, emit: &mut dyn FnMut(UplinkEvent<'_>)) {
         self.frame_fill = 0;
         match self.encoder.encode(&self.frame, &mut self.packet) {
             Ok(len) => {
@@ -264,6 +266,7 @@ impl Uplink {
                     at,
                     samples: self.frame.len(),
                     packet: &self.packet[..len],
+                    live,
                 });
             }
             Err(_) => self.encode_errors += 1,

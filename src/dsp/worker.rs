@@ -31,6 +31,8 @@ use super::vad::{self, samples_to_ms};
 
 /// Worker tick.
 pub const TICK_MS: u64 = 10;
+/// Worker tick while a turn's audio is being streamed.
+pub const STREAMING_TICK_MS: u64 = 2;
 
 /// Commands from the service.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +64,8 @@ pub struct AudioFrame {
     pub packet: Vec<u8>,
     /// Wall time the worker encoded it (for latency figures).
     pub encoded_at: Instant,
+    /// Encoded as its last sample arrived; false for pre-roll frames sent in a burst at speech start.
+    pub live: bool,
 }
 
 /// What the worker tells the service. `at_ms` is the audio clock: milliseconds of input processed.
@@ -73,6 +77,8 @@ pub enum WorkerEvent {
         input_format: StreamFormat,
         output_format: StreamFormat,
         vad: &'static str,
+        /// When capture started: audio clock 0 of this device (for latency figures).
+        started_at: Instant,
     },
     DeviceError {
         message: String,
@@ -337,6 +343,7 @@ impl Worker {
         let in_status = Arc::new(DeviceStatus::default());
         let out_status = Arc::new(DeviceStatus::default());
         let output = playback.start(reader, out_status.clone()).map_err(err)?;
+        let started_at = Instant::now();
         let input = capture.start(cap_writer, in_status.clone()).map_err(err)?;
         let vad_name = uplink.vad_name();
         self.send(WorkerEvent::DevicesOpened {
@@ -345,6 +352,7 @@ impl Worker {
             input_format: in_fmt,
             output_format: out_fmt,
             vad: vad_name,
+            started_at,
         });
         // Two seconds of output queued at most in the worker, on top of the ring.
         let pending_cap = out_fmt.rate_hz as usize * 2 * out_ch;
@@ -503,7 +511,14 @@ impl Worker {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             } else {
-                next_tick += Duration::from_millis(TICK_MS);
+                // While a turn is streaming, poll every 2 ms so a finished Opus frame leaves within a
+                // couple of ms of its last sample; otherwise the 10 ms tick (idle CPU on a Pi).
+                let tick = if s.uplink.is_streaming() {
+                    STREAMING_TICK_MS
+                } else {
+                    TICK_MS
+                };
+                next_tick += Duration::from_millis(tick);
                 let now = Instant::now();
                 if next_tick > now {
                     std::thread::sleep(next_tick - now);
@@ -525,6 +540,7 @@ impl Worker {
                 at,
                 samples,
                 packet,
+                live,
             } => {
                 self.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
                 WorkerEvent::Frame(AudioFrame {
@@ -533,6 +549,7 @@ impl Worker {
                     duration_ms: samples_to_ms(samples as u64) as u32,
                     packet,
                     encoded_at: Instant::now(),
+                    live,
                 })
             }
         };
@@ -559,6 +576,7 @@ enum OwnedUplinkEvent {
         at: u64,
         samples: usize,
         packet: Vec<u8>,
+        live: bool,
     },
 }
 
@@ -572,11 +590,13 @@ fn own(e: UplinkEvent<'_>) -> OwnedUplinkEvent {
             at,
             samples,
             packet,
+            live,
         } => OwnedUplinkEvent::Frame {
             seq,
             at,
             samples,
             packet: packet.to_vec(),
+            live,
         },
     }
 }

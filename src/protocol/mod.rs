@@ -27,7 +27,10 @@ impl fmt::Debug for Wire {
             Wire::Text(t) if t.len() > 200 => write!(
                 f,
                 "Text({}… {} bytes)",
-                &t[..t.floor_char_boundary(200)],
+                &t[..(0..=200)
+                    .rev()
+                    .find(|&i| t.is_char_boundary(i))
+                    .unwrap_or(0)],
                 t.len()
             ),
             Wire::Text(t) => write!(f, "Text({t})"),

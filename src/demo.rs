@@ -1,0 +1,183 @@
+//! `hearken demo`: the whole device against the built-in HAIP agent over a real loopback WebSocket,
+//! with no sound card: a scripted conversation from `audio/fixtures` is played into the pipeline in real
+//! time (a question, a barge-in while the agent answers, a last question), what the speaker would have
+//! played goes to a WAV, and a timeline a person can read is printed, then a summary of latencies.
+//! `--live` uses the real microphone and speaker instead of the script.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::agent::haip::{self as agent, AgentSettings};
+use crate::audio::earcon::decode_wav;
+use crate::audio::file::OutputKind;
+use crate::config::Config;
+use crate::events::EventSink;
+use crate::service::{self, Io, RunOptions, RunReport};
+
+/// The scripted conversation: (fixture, silence before it in ms). Built into one 16 kHz WAV.
+pub const SCRIPT: [(&str, u32); 3] = [
+    // The question; its answer (the user's words played back, then a tone) starts about 4 s in.
+    ("question.wav", 500),
+    // "Stop, wait a moment" starts while the agent is still answering: a barge-in.
+    ("barge_in.wav", 600),
+    // After the second answer has played out, one more question.
+    ("one_utterance.wav", 3_200),
+];
+/// Silence after the last question so its answer can play out.
+pub const SCRIPT_TAIL_MS: u32 = 4_500;
+
+const DEMO_TOKEN: &str = "hearken-demo-token";
+
+pub struct DemoOptions {
+    pub live: bool,
+    pub output: PathBuf,
+}
+
+/// Where the fixtures are (source tree or installed package).
+pub fn fixtures_dir() -> anyhow::Result<PathBuf> {
+    [
+        PathBuf::from("audio/fixtures"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/fixtures"),
+        PathBuf::from("/usr/share/hearken/fixtures"),
+    ]
+    .into_iter()
+    .find(|p| p.join("question.wav").exists())
+    .context("the demo needs audio/fixtures: run it from the source tree")
+}
+
+/// Concatenate the script into one 16 kHz mono WAV at `out`; returns its length in ms.
+pub fn build_script(dir: &Path, out: &Path) -> anyhow::Result<u64> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(out, spec)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let silence = |w: &mut hound::WavWriter<_>, ms: u32| -> anyhow::Result<()> {
+        for _ in 0..ms * 16 {
+            w.write_sample(0i16)?;
+        }
+        Ok(())
+    };
+    for (file, gap_ms) in SCRIPT {
+        silence(&mut w, gap_ms)?;
+        let bytes = std::fs::read(dir.join(file))?;
+        let sound = decode_wav(std::io::Cursor::new(bytes), file)?;
+        anyhow::ensure!(sound.rate_hz == 16_000, "{file} is not 16 kHz");
+        for s in sound.samples {
+            w.write_sample((s * 32767.0).round() as i16)?;
+        }
+    }
+    silence(&mut w, SCRIPT_TAIL_MS)?;
+    let total = w.len() as u64;
+    w.finalize()?;
+    Ok(total / 16)
+}
+
+/// Run the demo; prints the timeline and the summary.
+pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
+    let rt = service::runtime()?;
+    rt.block_on(async move {
+        let shutdown = service::signal_shutdown();
+        let tmp = std::env::temp_dir().join(format!("hearken-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
+        let token_file = tmp.join("agent-token");
+        std::fs::write(&token_file, DEMO_TOKEN)?;
+        let settings = AgentSettings {
+            token: Some(DEMO_TOKEN.into()),
+            ..AgentSettings::default()
+        };
+        let (addr, agent_handle) = agent::spawn("127.0.0.1:0".parse()?, settings).await?;
+        println!("built-in HAIP agent listening on ws://{addr}/haip");
+        config.file.agent.url = format!("ws://{addr}/haip");
+        config.file.agent.token_file = token_file.display().to_string();
+        let io = if opts.live {
+            println!("live: speak into the microphone; Ctrl-C ends the demo");
+            Io::Live
+        } else {
+            let script = tmp.join("script.wav");
+            let ms = build_script(&fixtures_dir()?, &script)?;
+            println!(
+                "playing a scripted conversation of {:.1} s in real time (question, barge-in, question)",
+                ms as f64 / 1000.0
+            );
+            Io::File {
+                input: script,
+                output: OutputKind::Wav(opts.output.clone()),
+                realtime: true,
+            }
+        };
+        let report = service::run(
+            config.clone(),
+            RunOptions {
+                io,
+                events: EventSink::Timeline(Box::new(std::io::stdout())),
+                record_events: true,
+            },
+            shutdown,
+        )
+        .await?;
+        let stats = agent_handle.stats();
+        drop(agent_handle);
+        let _ = std::fs::remove_dir_all(&tmp);
+        print_summary(&config, &report, opts);
+        println!(
+            "agent saw: {} connection(s), {} turn(s), {} run(s) ({} cancelled), {} protocol violation(s)",
+            stats.connections, stats.turns, stats.runs_started, stats.runs_cancelled, stats.violations.len()
+        );
+        for v in &stats.violations {
+            println!("  violation: {v}");
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// p-th percentile (0-100) of `v` (nearest rank).
+pub fn percentile(v: &[u64], p: f64) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s.get(rank - 1).copied()
+}
+
+fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
+    println!("\n== summary");
+    println!(
+        "turns {}, frames sent {}, agent runs {}, barge-ins {}, reconnects {}",
+        r.turns.len(),
+        r.frames_sent,
+        r.agent_runs,
+        r.barge_ins,
+        r.agent_disconnects
+    );
+    let ms =
+        |us: Option<u64>| us.map_or("-".to_string(), |u| format!("{:.2} ms", u as f64 / 1000.0));
+    println!(
+        "mic frame captured -> on the socket: p50 {}, p99 {} ({} live frames; target under 5 ms)",
+        ms(percentile(&r.frame_to_socket_us, 50.0)),
+        ms(percentile(&r.frame_to_socket_us, 99.0)),
+        r.frame_to_socket_us.len()
+    );
+    let end = config.turn.end_silence_ms as u64;
+    for t in &r.speech_end_to_turn_sent_ms {
+        println!(
+            "end of speech -> end of turn sent: {t} ms (end_silence_ms {end} + {} ms)",
+            t.saturating_sub(end)
+        );
+    }
+    for b in &r.barge_in_flush_ms {
+        println!("barge-in onset in the mic -> playback flushed: {b} ms");
+    }
+    for t in &r.agent_texts {
+        println!("agent said: \"{t}\"");
+    }
+    if !opts.live {
+        println!("what the speaker played: {}", opts.output.display());
+    }
+}
