@@ -46,8 +46,19 @@ pub fn fixtures_dir() -> anyhow::Result<PathBuf> {
     .context("the demo needs audio/fixtures: run it from the source tree")
 }
 
-/// Concatenate the script into one 16 kHz mono WAV at `out`; returns its length in ms.
+/// Concatenate the demo's script into one 16 kHz mono WAV at `out`; returns its length in ms.
 pub fn build_script(dir: &Path, out: &Path) -> anyhow::Result<u64> {
+    write_script(dir, &SCRIPT, SCRIPT_TAIL_MS, out)
+}
+
+/// Concatenate `parts` (a 16 kHz fixture in `dir` after that many ms of silence), then `tail_ms` of
+/// silence, into one 16 kHz mono WAV at `out`; returns its length in ms.
+pub fn write_script(
+    dir: &Path,
+    parts: &[(&str, u32)],
+    tail_ms: u32,
+    out: &Path,
+) -> anyhow::Result<u64> {
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 16_000,
@@ -62,7 +73,7 @@ pub fn build_script(dir: &Path, out: &Path) -> anyhow::Result<u64> {
         }
         Ok(())
     };
-    for (file, gap_ms) in SCRIPT {
+    for &(file, gap_ms) in parts {
         silence(&mut w, gap_ms)?;
         let bytes = std::fs::read(dir.join(file))?;
         let sound = decode_wav(std::io::Cursor::new(bytes), file)?;
@@ -71,7 +82,7 @@ pub fn build_script(dir: &Path, out: &Path) -> anyhow::Result<u64> {
             w.write_sample((s * 32767.0).round() as i16)?;
         }
     }
-    silence(&mut w, SCRIPT_TAIL_MS)?;
+    silence(&mut w, tail_ms)?;
     let total = w.len() as u64;
     w.finalize()?;
     Ok(total / 16)

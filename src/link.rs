@@ -9,6 +9,7 @@
 //! spins.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::dsp::downlink::DownlinkAudio;
 use crate::dsp::worker::PlaybackItem;
 use crate::protocol::AudioCodec;
-use crate::protocol::haip::{HaipClient, HaipSettings};
+use crate::protocol::haip::{HaipClient, HaipSettings, HaipStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
 use crate::transport::Backoff;
 use crate::transport::ws::{self, WsConnection, WsSettings};
@@ -81,13 +82,47 @@ pub struct Player {
     pub flush: FlushHandle,
 }
 
+/// Protocol counters over every connection of the link (each connection has a codec of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStats {
+    /// Connections that reached the agent (WebSocket open).
+    pub connections: u64,
+    /// Our audio chunks dropped because the codec's send queue was full (paused or no credit).
+    pub dropped_audio_frames: u64,
+    /// Agent frames dropped as repeats (same `id`, or a `seq` already seen).
+    pub duplicates_dropped: u64,
+    /// Agent frames dropped because their run had been cancelled (barge-in).
+    pub cancelled_run_frames_dropped: u64,
+    /// `REPLAY_REQUEST`s sent for gaps in the agent's `seq`.
+    pub replay_requests_sent: u64,
+    /// Agent frames that could not be read and were skipped.
+    pub malformed: u64,
+}
+
+impl LinkStats {
+    fn plus(mut self, c: HaipStats) -> Self {
+        self.dropped_audio_frames += c.dropped_audio_frames;
+        self.duplicates_dropped += c.duplicates_dropped;
+        self.cancelled_run_frames_dropped += c.cancelled_run_frames_dropped;
+        self.replay_requests_sent += c.replay_requests_sent;
+        self.malformed += c.malformed;
+        self
+    }
+}
+
 pub struct LinkHandle {
     pub tx: mpsc::Sender<LinkCmd>,
     pub events: mpsc::Receiver<LinkEvent>,
+    stats: Arc<Mutex<LinkStats>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LinkHandle {
+    /// Counters so far (updated after every frame in either direction).
+    pub fn stats(&self) -> LinkStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
     pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
@@ -98,6 +133,7 @@ impl LinkHandle {
 pub fn spawn(config: &Config, player: Player, shutdown: watch::Receiver<bool>) -> LinkHandle {
     let (tx, rx) = mpsc::channel(512);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let stats = Arc::new(Mutex::new(LinkStats::default()));
     let link = Link {
         config: config.clone(),
         cmds: rx,
@@ -107,11 +143,14 @@ pub fn spawn(config: &Config, player: Player, shutdown: watch::Receiver<bool>) -
         unanswered: VecDeque::new(),
         dropped: 0,
         epoch: Instant::now(),
+        totals: LinkStats::default(),
+        shared: stats.clone(),
     };
     let task = tokio::spawn(link.run());
     LinkHandle {
         tx,
         events: ev_rx,
+        stats,
         task,
     }
 }
@@ -126,6 +165,9 @@ struct Link {
     unanswered: VecDeque<LinkCmd>,
     dropped: u64,
     epoch: Instant,
+    /// Counters of the connections that have ended.
+    totals: LinkStats,
+    shared: Arc<Mutex<LinkStats>>,
 }
 
 enum End {
@@ -136,6 +178,12 @@ enum End {
 impl Link {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn publish(&self, codec: &HaipClient) {
+        if let Ok(mut s) = self.shared.lock() {
+            *s = self.totals.plus(codec.stats());
+        }
     }
 
     async fn emit(&self, e: LinkEvent) {
@@ -330,13 +378,30 @@ impl Link {
         self.send_all(conn, d.replies, None, false).await
     }
 
-    async fn serve(&mut self, mut conn: WsConnection, token: Option<crate::config::Secret>) -> End {
-        let a = self.config.agent.clone();
+    async fn serve(&mut self, conn: WsConnection, token: Option<crate::config::Secret>) -> End {
+        let a = &self.config.agent;
         let mut codec = HaipClient::new(HaipSettings {
             ping_interval_ms: a.ping_interval_s as u64 * 1000,
             buffer_limit_bytes: (a.buffer_ms as usize / 20) * 200,
             ..HaipSettings::default()
         });
+        self.totals.connections += 1;
+        self.publish(&codec);
+        let end = self.serve_with(&mut codec, conn, token).await;
+        self.totals = self.totals.plus(codec.stats());
+        if let Ok(mut s) = self.shared.lock() {
+            *s = self.totals;
+        }
+        end
+    }
+
+    async fn serve_with(
+        &mut self,
+        codec: &mut HaipClient,
+        mut conn: WsConnection,
+        token: Option<crate::config::Secret>,
+    ) -> End {
+        let a = self.config.agent.clone();
         let info = SessionInfo {
             token,
             wall_ms: std::time::SystemTime::now()
@@ -428,6 +493,7 @@ impl Link {
                     self.send_all(&mut conn, w, None, false).await
                 }
             };
+            self.publish(codec);
             if let Err(e) = r {
                 return e;
             }

@@ -78,6 +78,8 @@ pub struct RunReport {
     pub agent_runs: u32,
     pub agent_connects: u32,
     pub agent_disconnects: u32,
+    /// Protocol counters of the agent link (duplicates, cancelled-run frames, replays, ...).
+    pub link: crate::link::LinkStats,
     pub skipped_frames: u32,
     pub counters: RtSnapshot,
     pub events: Vec<Event>,
@@ -375,6 +377,7 @@ impl Service {
 
     async fn finish(&mut self) {
         if let Some(link) = self.link.take() {
+            self.report.link = link.stats();
             link.stop().await;
         }
         self.handle.shutdown();

@@ -449,7 +449,9 @@ impl TurnMachine {
                 });
             }
             self.start_turn(c.onset, out);
-            for f in c.frames {
+            for mut f in c.frames {
+                // Held back by the gate, so not "live" for the capture-to-socket latency figure.
+                f.live = false;
                 self.turn_frames += 1;
                 out.push(Action::SendFrame(f));
             }
