@@ -175,6 +175,15 @@ pub fn timeline_line(kind: &EventKind) -> Option<String> {
         EventKind::AgentFinished { status, .. } => format!("agent run finished: {status}"),
         EventKind::AgentError { code, message } => format!("agent error {code}: {message}"),
         EventKind::AgentTool { name, state } => format!("agent tool {name}: {state}"),
+        EventKind::Earcon {
+            earcon: Earcon::Working,
+        } => "speaker: \"working\" earcon".into(),
+        EventKind::Earcon {
+            earcon: Earcon::ToolNotice,
+        } => "speaker: \"One moment.\" (the tool is taking a while)".into(),
+        EventKind::Earcon {
+            earcon: Earcon::Error,
+        } => "speaker: error earcon".into(),
         EventKind::FramesSent { frames } => {
             format!("{frames} frames of the turn sent to the agent")
         }

@@ -31,7 +31,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    hearken::telemetry::init(&config.log, cli.verbose);
+    let mut log = config.log.clone();
+    if matches!(command, Command::Demo(_)) && cli.verbose == 0 && log.level == "info" {
+        // The demo's output is its timeline on stdout; the info log would only repeat it.
+        log.level = "warn".into();
+    }
+    hearken::telemetry::init(&log, cli.verbose);
     let result = match command {
         Command::CheckConfig => {
             println!("# {} is valid; effective values:", config.origin);

@@ -338,6 +338,9 @@ impl Service {
         // After a file input ends, time goes on as silence so deadlines (end of turn, response
         // timeout) still fire.
         let mut after_end = tokio::time::interval(Duration::from_millis(10));
+        // Disabled until the input ends: the ticks missed until then must not come in a burst (that
+        // would run the clock ahead by the whole input's length).
+        after_end.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let has_link = self.link.is_some();
             tokio::select! {
@@ -607,6 +610,9 @@ impl Service {
                 match state {
                     ToolState::Started => {
                         self.earcon(Earcon::Working);
+                        self.emit(EventKind::Earcon {
+                            earcon: Earcon::Working,
+                        });
                         self.tools.insert(call_id, (name, self.now, false));
                     }
                     ToolState::Progress => {}
@@ -663,6 +669,9 @@ impl Service {
         }
         if notice {
             self.earcon(Earcon::ToolNotice);
+            self.emit(EventKind::Earcon {
+                earcon: Earcon::ToolNotice,
+            });
         }
     }
 

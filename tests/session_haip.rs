@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearken::agent::haip::{self as agent, AgentHandle, AgentLog, AgentSettings, Inject};
+use hearken::agent::haip::{self as agent, AgentHandle, AgentLog, AgentSettings, Inject, ToolCall};
+use hearken::audio::earcon::Earcon;
 use hearken::config::Config;
 use hearken::demo::write_script;
 use hearken::events::{EventKind, EventSink};
@@ -118,11 +119,14 @@ fn active_ms(played: &[f32]) -> usize {
         * 10
 }
 
-/// Whether some 50 ms window of `played` is mostly a `hz` tone (Goertzel power against the window's).
+/// Whether some 20 ms window of `played` (5 ms hops) is mostly a `hz` tone: Goertzel power against
+/// the window's energy (a pure tone gives 1).
 fn has_tone(played: &[f32], hz: f32) -> bool {
-    let n = OUT_RATE_HZ / 20;
+    let n = OUT_RATE_HZ / 50;
+    let hop = OUT_RATE_HZ / 200;
     let k = 2.0 * (2.0 * std::f32::consts::PI * hz / OUT_RATE_HZ as f32).cos();
-    played.chunks_exact(n).any(|w| {
+    (0..played.len().saturating_sub(n)).step_by(hop).any(|i| {
+        let w = &played[i..i + n];
         let (mut s1, mut s2) = (0.0f32, 0.0f32);
         for &x in w {
             let s0 = x + k * s1 - s2;
@@ -131,8 +135,7 @@ fn has_tone(played: &[f32], hz: f32) -> bool {
         }
         let tone = s1 * s1 + s2 * s2 - k * s1 * s2;
         let energy: f32 = w.iter().map(|x| x * x).sum();
-        // A pure tone gives tone ≈ energy * n / 2.
-        energy > 1e-3 && tone / (energy * n as f32 / 2.0) > 0.8
+        energy > 1e-3 && tone / (energy * n as f32 / 2.0) > 0.7
     })
 }
 
@@ -146,8 +149,16 @@ async fn voice_turn_is_answered_with_text_and_played_back() {
     let tmp = Scratch::new("voice");
     let a = start_agent(agent_settings()).await;
     let cfg = config(&a.url(), &tmp.token_file(TOKEN), &[]);
+    let wall = std::time::Instant::now();
     let (report, played) = run_device(cfg, tmp.script(&[("one_utterance.wav", 300)], 1_000)).await;
+    let wall_ms = wall.elapsed().as_millis() as u64;
 
+    // The audio clock keeps to real time, also after the input has ended.
+    assert!(
+        report.audio_ms <= wall_ms + 100,
+        "{} vs {wall_ms}",
+        report.audio_ms
+    );
     let s = a.stats();
     assert_no_violations(&a);
     assert_eq!((s.connections, s.handshakes), (1, 1));
@@ -163,6 +174,8 @@ async fn voice_turn_is_answered_with_text_and_played_back() {
     // The speaker played the user's words back, then the agent's 440 Hz tone.
     assert!(active_ms(&played) >= 1_500, "{} ms", active_ms(&played));
     assert!(has_tone(&played, 440.0));
+    // No tool ran, so no 1 kHz "working" tick (the detector tells them apart).
+    assert!(!has_tone(&played, 1_000.0));
     assert_eq!(report.link.malformed, 0);
     assert_eq!(report.agent_connects, 1);
 }
@@ -216,6 +229,51 @@ async fn barge_in_flushes_cancels_and_drops_the_rest_of_the_run() {
         report.agent_texts[1],
         reply_text(s.turn_records[1].audio_ms)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_tool_call_plays_the_working_earcon_and_a_spoken_notice() {
+    let tmp = Scratch::new("tool");
+    let a = start_agent(AgentSettings {
+        tool_call: Some(ToolCall {
+            name: "weather_lookup".into(),
+            ms: 2_500,
+            on_turn: None,
+        }),
+        ..agent_settings()
+    })
+    .await;
+    let cfg = config(&a.url(), &tmp.token_file(TOKEN), &[]);
+    let (report, played) = run_device(cfg, tmp.script(&[("one_utterance.wav", 300)], 1_000)).await;
+
+    assert_no_violations(&a);
+    let tools: Vec<(String, String)> = report
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AgentTool { name, state } => Some((name.clone(), state.clone())),
+            _ => None,
+        })
+        .collect();
+    let want = |st: &str| ("weather_lookup".to_string(), st.to_string());
+    assert_eq!(tools, vec![want("started"), want("done")]);
+    let earcons: Vec<Earcon> = report
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Earcon { earcon } => Some(*earcon),
+            _ => None,
+        })
+        .collect();
+    // "done" at the end of the turn, "working" as the tool starts, the notice 2 s into it.
+    assert_eq!(
+        earcons,
+        vec![Earcon::Done, Earcon::Working, Earcon::ToolNotice]
+    );
+    // The working earcon is a 1 kHz tick; the reply still came after the tool.
+    assert!(has_tone(&played, 1_000.0));
+    assert!(has_tone(&played, 440.0));
+    assert_eq!(report.agent_texts.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,6 +126,8 @@ pub struct AgentSettings {
     pub pace_realtime: bool,
     /// Protocol `PING` to the client at this interval; `None`: never.
     pub ping_interval: Option<Duration>,
+    /// Call a (pretend) tool before answering: `TOOL_CALL`, then `TOOL_DONE` after `ms`.
+    pub tool_call: Option<ToolCall>,
     /// Fault injection for tests.
     pub inject: Inject,
 }
@@ -143,6 +145,7 @@ impl Default for AgentSettings {
             chunk_ms: 20,
             pace_realtime: true,
             ping_interval: Some(Duration::from_secs(30)),
+            tool_call: None,
             inject: Inject::default(),
         }
     }
@@ -162,9 +165,21 @@ impl fmt::Debug for AgentSettings {
             .field("chunk_ms", &self.chunk_ms)
             .field("pace_realtime", &self.pace_realtime)
             .field("ping_interval", &self.ping_interval)
+            .field("tool_call", &self.tool_call)
             .field("inject", &self.inject)
             .finish()
     }
+}
+
+/// A tool call the agent makes before it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The tool's name in `TOOL_CALL`.
+    pub name: String,
+    /// How long it "runs" before `TOOL_DONE` (paced like audio; immediate without `pace_realtime`).
+    pub ms: u32,
+    /// Only for this turn of a connection (1-based); `None`: every turn.
+    pub on_turn: Option<u64>,
 }
 
 /// Faults the agent injects, per connection (test hooks; all off by default).
@@ -1104,7 +1119,10 @@ struct OutFrame {
     run_id: Option<String>,
     /// AUDIO_CHUNK bytes: binary frame or `payload.data`, decided by the client's `binary_frames`.
     audio: Option<(Vec<u8>, String)>,
+    /// Advances the run's pacing clock by this much once sent (audio, a tool's run time).
     duration_ms: u64,
+    /// Waits for the pacing clock (audio chunks, the end of a tool call).
+    paced: bool,
 }
 
 impl OutFrame {
@@ -1119,6 +1137,7 @@ impl OutFrame {
             run_id: None,
             audio: None,
             duration_ms: 0,
+            paced: false,
         }
     }
 
@@ -1173,6 +1192,8 @@ struct Conn {
     window: VecDeque<Sent>,
     envelopes_sent: u64,
     skip_done: bool,
+    /// User turns completed on this connection.
+    turns_here: u64,
     /// The frame withheld by `inject.skip_seq_once`, until the client asks for it.
     lost_seq: Option<u64>,
     holding: bool,
@@ -1207,6 +1228,7 @@ impl Conn {
             window: VecDeque::new(),
             envelopes_sent: 0,
             skip_done: false,
+            turns_here: 0,
             lost_seq: None,
             holding: false,
             ping_nonce: 0,
@@ -1868,6 +1890,29 @@ impl Conn {
             "RUN_STARTED",
             json!({"run_id": run_id}),
         ));
+        self.turns_here += 1;
+        if let Some(tool) = self
+            .s
+            .tool_call
+            .as_ref()
+            .filter(|t| t.on_turn.is_none_or(|n| n == self.turns_here))
+        {
+            let call_id = uuid::Uuid::new_v4().to_string();
+            let mut call = OutFrame::new(
+                "AGENT",
+                "TOOL_CALL",
+                json!({"call_id": call_id, "tool": tool.name, "params": {}}),
+            );
+            call.duration_ms = u64::from(tool.ms);
+            steps.push_back(call);
+            let mut done = OutFrame::new(
+                "AGENT",
+                "TOOL_DONE",
+                json!({"call_id": call_id, "status": "OK", "result": {"ok": true}}),
+            );
+            done.paced = true;
+            steps.push_back(done);
+        }
         if self.s.text_reply_parts {
             steps.push_back(OutFrame::new(
                 "AGENT",
@@ -1911,6 +1956,7 @@ impl Conn {
             );
             f.audio = Some((bytes, mime));
             f.duration_ms = ms;
+            f.paced = true;
             steps.push_back(f);
         }
         steps.push_back(OutFrame::new(
@@ -1996,11 +2042,12 @@ impl Conn {
                 self.runs.pop_front();
                 continue;
             };
-            let (ty, channel, bytes, is_audio) = (
+            let (ty, channel, bytes, paced, advance_ms) = (
                 step.ty,
                 step.channel,
                 step.audio_bytes(),
-                step.audio.is_some(),
+                step.paced,
+                step.duration_ms,
             );
             if !self.accepts(ty) {
                 if let Some(run) = self.runs.front_mut() {
@@ -2009,7 +2056,7 @@ impl Conn {
                 self.log.update(|s| s.frames_suppressed += 1);
                 continue;
             }
-            if is_audio && self.s.pace_realtime && now < self.audio_clock {
+            if paced && self.s.pace_realtime && now < self.audio_clock {
                 return None;
             }
             if !self.can_send(channel, bytes) {
@@ -2036,13 +2083,13 @@ impl Conn {
                     }
                 });
             }
-            if is_audio {
+            if advance_ms > 0 {
                 // Real-time pacing: next chunk when this one has played. After a stall (pause, no
                 // credit) restart the clock instead of bursting the backlog.
                 if now > self.audio_clock + PACE_SLACK {
                     self.audio_clock = now;
                 }
-                self.audio_clock += Duration::from_millis(step.duration_ms);
+                self.audio_clock += Duration::from_millis(advance_ms);
             }
             return Some(self.emit(step));
         }
@@ -2051,10 +2098,8 @@ impl Conn {
     /// When the run's next paced audio chunk is due (if it is not blocked on the client).
     fn next_deadline(&self) -> Option<Instant> {
         let step = self.runs.front()?.steps.front()?;
-        (step.audio.is_some()
-            && self.s.pace_realtime
-            && self.can_send(step.channel, step.audio_bytes()))
-        .then_some(self.audio_clock)
+        (step.paced && self.s.pace_realtime && self.can_send(step.channel, step.audio_bytes()))
+            .then_some(self.audio_clock)
     }
 
     /// Fills in the envelope, charges credit, keeps the frame for replay, applies injected faults.
