@@ -352,12 +352,12 @@ async fn plain_ws_only_to_loopback_unless_allowed() {
 
 #[tokio::test]
 async fn oversize_message_is_too_large() {
-    // One 1 MiB frame against a 64 KiB limit.
+    // One 50 MB frame against a 64 KiB limit: refused from its header, never buffered.
     let (port, server) = serve_one(Answer::default(), |ws| async move {
-        // Sending and reading apart: the client stops reading, so the 1 MiB may never drain.
+        // Sending and reading apart: the client stops reading, so the 50 MB may never drain.
         let (mut tx, mut rx) = ws.split();
         let sending = tokio::spawn(async move {
-            let _ = tx.send(Message::Binary(vec![0u8; 1 << 20].into())).await;
+            let _ = tx.send(Message::Binary(vec![0u8; 50_000_000].into())).await;
         });
         // The client says why it gives up.
         let code = match rx.next().await {
