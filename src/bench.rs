@@ -83,6 +83,8 @@ impl BenchInput {
             preroll_ms: self.config.turn.preroll_ms,
             // Never stop: once speech starts, every frame is encoded, as in the Opus stage.
             max_stream_ms: u32::MAX / 2,
+            // The uplink table measures the pipeline without a far end; AEC is measured on its own.
+            aec: None,
         }
     }
 }
@@ -228,6 +230,9 @@ fn find_fixture(arg: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(crate::cli::BenchCommand::BargeIn { set }) = &args.what {
+        return barge_in(config, set.as_deref());
+    }
     let fixture = find_fixture(args.input.as_ref())?;
     let b = BenchInput::from_wav(&fixture, args.seconds, config)?;
     let reps = args.reps;
@@ -360,4 +365,91 @@ fn file_run_rss(fixture: &Path) -> anyhow::Result<(u64, f64)> {
         .as_u64()
         .context("no peak_rss_kib")?;
     Ok((rss, wall))
+}
+
+/// The committed echo evaluation set, from the source tree or an installed package.
+pub fn echo_set_dir() -> anyhow::Result<PathBuf> {
+    [
+        PathBuf::from("audio/echo"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/echo"),
+        PathBuf::from("/usr/share/hearken/echo"),
+    ]
+    .into_iter()
+    .find(|p| p.join("manifest.json").exists())
+    .context("no echo evaluation set found: pass --set DIR (see audio/echo/make.sh)")
+}
+
+/// `hearken bench barge-in`: the evaluation set through the real DSP and turn machine.
+fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
+    let dir = match set {
+        Some(d) => d.to_path_buf(),
+        None => echo_set_dir()?,
+    };
+    let results = crate::echo_eval::evaluate_set(config, &dir)?;
+    let aec = results.first().is_some_and(|r| r.aec);
+    println!(
+        "hearken bench barge-in: {} mixes from {}; echo cancellation {}; turn.barge_in_min_ms {}, \
+         aec.gate_margin_db {}",
+        results.len(),
+        dir.display(),
+        if aec { "on (AEC3)" } else { "off" },
+        config.turn.barge_in_min_ms(aec),
+        config.aec.gate_margin_db,
+    );
+    println!(
+        "\n{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>12}",
+        "mix", "onset ms", "false b-ins", "missed", "latency ms", "ERLE dB", "gated/far"
+    );
+    for r in &results {
+        println!(
+            "{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>12}",
+            r.name,
+            r.onset_ms.map_or("-".into(), |v| v.to_string()),
+            r.false_barge_ins,
+            if r.onset_ms.is_none() {
+                "-"
+            } else if r.missed {
+                "MISSED"
+            } else {
+                "no"
+            },
+            r.latency_ms.map_or("-".into(), |v| v.to_string()),
+            r.erle_db.map_or("-".into(), |v| format!("{v:.1}")),
+            format!("{}/{}", r.gated_frames, r.far_frames),
+        );
+    }
+    let false_total: u32 = results.iter().map(|r| r.false_barge_ins).sum();
+    let echo_only = results.iter().filter(|r| r.onset_ms.is_none()).count();
+    let with_user = results.len() - echo_only;
+    let missed = results.iter().filter(|r| r.missed).count();
+    let lat: Vec<u64> = results.iter().filter_map(|r| r.latency_ms).collect();
+    let erles: Vec<f64> = results.iter().filter_map(|r| r.erle_db).collect();
+    let min_erle = erles.iter().copied().fold(f64::INFINITY, f64::min);
+    let p95 = crate::demo::percentile(&lat, 95.0);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("\ntotal");
+    println!(
+        "  false barge-ins on {echo_only} echo-only mixes: {false_total} (target 0: {})",
+        verdict(false_total == 0)
+    );
+    println!(
+        "  missed barge-ins on {with_user} mixes with a user: {missed} (target 0: {})",
+        verdict(missed == 0)
+    );
+    println!(
+        "  onset -> playback flushed: p50 {}, p95 {} (target p95 <= 150 ms: {})",
+        crate::demo::percentile(&lat, 50.0).map_or("-".into(), |v| format!("{v} ms")),
+        p95.map_or("-".into(), |v| format!("{v} ms")),
+        verdict(p95.is_some_and(|v| v <= 150)),
+    );
+    if erles.is_empty() {
+        println!("  ERLE: - (no echo-only mix, or echo cancellation off)");
+    } else {
+        println!(
+            "  ERLE after the first second: min {min_erle:.1} dB, mean {:.1} dB (target >= 20 dB: {})",
+            erles.iter().sum::<f64>() / erles.len() as f64,
+            verdict(min_erle >= 20.0)
+        );
+    }
+    Ok(())
 }

@@ -99,8 +99,23 @@ pub enum EventFormat {
     Jsonl,
 }
 
+#[derive(Debug, Subcommand, Clone)]
+pub enum BenchCommand {
+    /// Barge-in with echo cancellation on far-end / mic WAV pairs: false and missed barge-ins,
+    /// onset -> flush latency, ERLE; per mix and in total.
+    /// The folder is given as `--set DIR` (a `--set` value without `=` is the set, not a config
+    /// override) or as the argument; default: the committed set, `audio/echo`.
+    BargeIn {
+        /// Folder with the far-end / mic pairs and their manifest.json.
+        #[arg(value_name = "DIR", id = "eval_set")]
+        set: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchCommand>,
     /// Seconds of audio per measurement.
     #[arg(long, default_value_t = 20)]
     pub seconds: u32,

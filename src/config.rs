@@ -83,6 +83,7 @@ pub struct FileConfig {
     pub vad: VadConfig,
     pub turn: TurnConfig,
     pub opus: OpusConfig,
+    pub aec: AecConfig,
     pub earcons: EarconConfig,
     pub agent: AgentConfig,
     pub log: LogConfig,
@@ -225,8 +226,8 @@ pub struct TurnConfig {
     pub response_timeout_ms: u32,
     /// "on": speech over the agent interrupts it; "off": the mic is ignored while the agent speaks.
     pub barge_in: BargeIn,
-    /// Speech over the agent must last this long to interrupt it. Unset: 200 with echo cancellation,
-    /// 400 without (hearken has no echo canceller yet, so 400).
+    /// Speech over the agent must last this long to interrupt it. Unset: 100 with echo cancellation
+    /// (the gate has already told the user from the echo), 400 without.
     pub barge_in_min_ms: Option<u32>,
     /// Audio kept from before the detected speech start, so the first syllable is never lost.
     pub preroll_ms: u32,
@@ -251,7 +252,34 @@ impl Default for TurnConfig {
 impl TurnConfig {
     /// The effective barge-in minimum, given whether echo cancellation runs.
     pub fn barge_in_min_ms(&self, aec: bool) -> u32 {
-        self.barge_in_min_ms.unwrap_or(if aec { 200 } else { 400 })
+        self.barge_in_min_ms.unwrap_or(if aec { 100 } else { 400 })
+    }
+}
+
+/// Acoustic echo cancellation (needs the `aec` cargo feature, on by default).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AecConfig {
+    /// Cancel the speaker's echo in the mic signal before the VAD.
+    pub enabled: bool,
+    /// Starting guess of the speaker-to-mic delay (output and input buffering plus the air); AEC3
+    /// finds and tracks the real one.
+    pub delay_ms_hint: u32,
+    /// Noise suppression on the mic signal, from the same library.
+    pub noise_suppression: bool,
+    /// Barge-in gate: while the device's voice plays, speech counts only if the echo-cancelled signal
+    /// is this many dB above the echo expected from what played.
+    pub gate_margin_db: f32,
+}
+
+impl Default for AecConfig {
+    fn default() -> Self {
+        AecConfig {
+            enabled: true,
+            delay_ms_hint: 40,
+            noise_suppression: false,
+            gate_margin_db: 10.0,
+        }
     }
 }
 
@@ -431,6 +459,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Whether echo cancellation runs: built with the `aec` feature and `aec.enabled`.
+    pub fn aec_active(&self) -> bool {
+        cfg!(feature = "aec") && self.file.aec.enabled
+    }
+
     /// Load `path` (or the built-in defaults when `path` is None), apply `KEY=VALUE` overrides, validate.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
@@ -593,6 +626,13 @@ impl Config {
         }
 
         range("opus.bitrate_bps", c.opus.bitrate_bps, 6_000, 128_000)?;
+        range("aec.delay_ms_hint", c.aec.delay_ms_hint, 0, 500)?;
+        if !(0.0..=40.0).contains(&c.aec.gate_margin_db) {
+            return Err(err(
+                "aec.gate_margin_db",
+                format!("must be between 0 and 40, got {}", c.aec.gate_margin_db),
+            ));
+        }
         if ![10, 20, 40, 60].contains(&c.opus.frame_ms) {
             return Err(err(
                 "opus.frame_ms",
@@ -821,6 +861,11 @@ mod tests {
             complexity = 3
             fec = true
             dtx = true
+            [aec]
+            enabled = false
+            delay_ms_hint = 120
+            noise_suppression = true
+            gate_margin_db = 6.0
             [earcons]
             enabled = false
             dir = "/"
@@ -910,6 +955,9 @@ mod tests {
             ("[opus]\nframe_ms = 30", "opus.frame_ms"),
             ("[opus]\nbitrate_bps = 1000", "opus.bitrate_bps"),
             ("[opus]\ncomplexity = 11", "opus.complexity"),
+            ("[aec]\ndelay_ms_hint = 900", "aec.delay_ms_hint"),
+            ("[aec]\ngate_margin_db = -3.0", "aec.gate_margin_db"),
+            ("[aec]\nenabled = \"yes\"", "aec.enabled"),
             ("[earcons]\ndir = \"/nonexistent/earcons\"", "earcons.dir"),
             ("[agent]\nurl = \"ftp://x\"", "agent.url"),
             ("[agent]\nurl = \"ws://agent.example/haip\"", "agent.url"),

@@ -206,7 +206,7 @@ fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
         )),
         verdict(worst.is_some_and(|w| w <= end + 20)),
     );
-    let min = config.turn.barge_in_min_ms(false) as u64;
+    let min = config.turn.barge_in_min_ms(config.aec_active()) as u64;
     println!(
         "barge-in onset in the mic -> playback flushed: p50 {}, p95 {} over {} barge-in(s) \
          (turn.barge_in_min_ms {min} of speech is the floor)",

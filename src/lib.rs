@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dsp;
+pub mod echo_eval;
 pub mod error;
 pub mod events;
 pub mod link;

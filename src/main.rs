@@ -15,8 +15,16 @@ fn main() -> ExitCode {
         print!("{}", config::DEFAULT_TOML);
         return ExitCode::SUCCESS;
     }
-    let command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
+    let mut command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
     let mut overrides = cli.set.clone();
+    // `hearken bench barge-in --set DIR`: a --set value without `=` names the evaluation set.
+    if let Command::Bench(b) = &mut command
+        && let Some(hearken::cli::BenchCommand::BargeIn { set }) = &mut b.what
+        && let Some(i) = overrides.iter().position(|o| !o.contains('='))
+    {
+        let dir = overrides.remove(i);
+        set.get_or_insert(std::path::PathBuf::from(dir));
+    }
     if let Command::Run(args) = &command {
         overrides.extend(args.overrides());
     }

@@ -274,7 +274,11 @@ pub async fn run(
         )
     });
     let mut svc = Service {
-        tm: TurnMachine::new(TurnSettings::from_config(&config.turn, false, agent)),
+        tm: TurnMachine::new(TurnSettings::from_config(
+            &config.turn,
+            config.aec_active(),
+            agent,
+        )),
         config,
         handle,
         link,

@@ -77,6 +77,7 @@ fn detect(path: &Path, config: &Config) -> Vec<(f64, f64)> {
             opus: config.opus.clone(),
             preroll_ms: config.turn.preroll_ms,
             max_stream_ms: 60_000,
+            aec: None,
         },
         vad::engine(&config.vad),
     )
@@ -288,6 +289,7 @@ fn opus_round_trip_keeps_the_speech() {
             opus: config.opus.clone(),
             preroll_ms: config.turn.preroll_ms,
             max_stream_ms: 60_000,
+            aec: None,
         },
         vad::engine(&config.vad),
     )

@@ -147,7 +147,11 @@ fn playback_path_does_not_allocate() {
     let counters = Arc::new(RtCounters::default());
     let flush = FlushHandle::default();
     let channels = 2;
-    let (mut writer, mut reader) = playback_ring(8192, channels, 480, counters.clone(), &flush);
+    let (mut writer, reader) = playback_ring(8192, channels, 480, counters.clone(), &flush);
+    // With the far-end tap for the echo canceller: every played sample is copied out too.
+    let (mut reader, mut tap) = reader.with_far_tap(4096);
+    let mut far = vec![0.0f32; 4096];
+    let mut far_seen = 0usize;
     let audio = vec![0.25f32; 960];
     let mut out = vec![0.0f32; 960];
     let mut out_i16 = vec![0i16; 960];
@@ -155,7 +159,12 @@ fn playback_path_does_not_allocate() {
     let mut scratch = vec![0.0f32; 256 * channels];
 
     let counted = count_allocs(|| {
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
+            // The worker drains the tap every other round: the tap both fits and overflows.
+            if round % 2 == 0 {
+                let (got, _) = tap.consumer.pop_partial_slice(&mut far);
+                far_seen += got.len();
+            }
             // Normal: a full period queued and played.
             writer.write(&audio);
             reader.render(&mut out);
@@ -193,4 +202,5 @@ fn playback_path_does_not_allocate() {
     assert!(s.rendered_frames > 0, "{s:?}");
     assert!(s.underrun_frames > 0, "{s:?}");
     assert!(s.flushed_samples > 0, "{s:?}");
+    assert!(far_seen > 0 && s.far_dropped > 0, "{far_seen} {s:?}");
 }

@@ -29,6 +29,8 @@ pub struct RtCounters {
     pub xruns: AtomicU64,
     /// Samples discarded by a flush (barge-in).
     pub flushed_samples: AtomicU64,
+    /// Played samples that did not fit in the far-end tap (the echo canceller's reference fell behind).
+    pub far_dropped: AtomicU64,
 }
 
 impl RtCounters {
@@ -40,6 +42,7 @@ impl RtCounters {
             underrun_frames: self.underrun_frames.load(Ordering::Relaxed),
             xruns: self.xruns.load(Ordering::Relaxed),
             flushed_samples: self.flushed_samples.load(Ordering::Relaxed),
+            far_dropped: self.far_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -53,6 +56,7 @@ pub struct RtSnapshot {
     pub underrun_frames: u64,
     pub xruns: u64,
     pub flushed_samples: u64,
+    pub far_dropped: u64,
 }
 
 /// State shared by the playback producer (DSP worker), the output callback and the controller.
@@ -165,6 +169,14 @@ pub struct PlaybackReader {
     /// Length of the flush fade, in samples (interleaved).
     fade_samples: usize,
     channels: usize,
+    /// Far-end tap: a copy of every sample played (silence and fades included), for the echo canceller.
+    far: Option<rtrb::Producer<f32>>,
+}
+
+/// The DSP worker's end of the far-end tap: exactly what the output callback played, in order.
+pub struct FarEndTap {
+    pub consumer: rtrb::Consumer<f32>,
+    pub channels: usize,
 }
 
 /// Build the playback ring. `capacity` and `fade_samples` are in interleaved samples. Flushes already
@@ -199,6 +211,7 @@ pub fn playback_ring(
             rendered_frames: 0,
             fade_samples,
             channels: channels.max(1),
+            far: None,
         },
     )
 }
@@ -206,6 +219,28 @@ pub fn playback_ring(
 impl PlaybackReader {
     pub fn shared(&self) -> &Arc<PlaybackShared> {
         &self.shared
+    }
+
+    /// Add the far-end tap (`capacity` interleaved samples); call before the reader moves into the
+    /// callback.
+    pub fn with_far_tap(mut self, capacity: usize) -> (Self, FarEndTap) {
+        let (producer, consumer) = rtrb::RingBuffer::new(capacity.max(1));
+        self.far = Some(producer);
+        let channels = self.channels;
+        (self, FarEndTap { consumer, channels })
+    }
+
+    /// Copy what was just played into the far-end tap; what does not fit is dropped and counted.
+    // RT-SAFE: one lock-free slice copy and a relaxed atomic add.
+    fn tap(&mut self, out: &[f32]) {
+        if let Some(p) = &mut self.far {
+            let (_, rest) = p.push_partial_slice(out);
+            if !rest.is_empty() {
+                self.counters
+                    .far_dropped
+                    .fetch_add(rest.len() as u64, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The shared counters, for the backend's error callback (which cannot reach the moved reader).
@@ -246,6 +281,7 @@ impl PlaybackReader {
                 .flushed_at_frame
                 .store(self.rendered_frames - frames, Ordering::Release);
             self.shared.cb_ack.store(req, Ordering::Release);
+            self.tap(out);
             return;
         }
         // Discard samples written before the worker noticed the flush.
@@ -280,6 +316,7 @@ impl PlaybackReader {
         }
         self.read += n as u64;
         self.shared.read_pos.store(self.read, Ordering::Release);
+        self.tap(out);
     }
 }
 
@@ -380,6 +417,31 @@ mod tests {
         assert_eq!(got.len(), 8);
         assert_eq!(buf[5], 0.5);
         assert!((buf[6] - 0.99997).abs() < 1e-4);
+    }
+
+    #[test]
+    fn far_tap_gets_exactly_what_played_fade_and_silence_included() {
+        let c = Arc::new(RtCounters::default());
+        let flush = FlushHandle::default();
+        let (mut w, r) = playback_ring(64, 1, 4, c.clone(), &flush);
+        let (mut r, mut tap) = r.with_far_tap(64);
+        let mut played = Vec::new();
+        let mut out = [0.0; 8];
+        w.write(&[0.5; 8]);
+        r.render(&mut out);
+        played.extend_from_slice(&out);
+        w.write(&[0.5; 8]);
+        flush.request();
+        r.render(&mut out); // the fade
+        played.extend_from_slice(&out);
+        r.render(&mut out); // silence
+        played.extend_from_slice(&out);
+        let mut got = vec![0.0; 64];
+        let (n, _) = tap.consumer.pop_partial_slice(&mut got);
+        let n = n.len();
+        assert_eq!(&got[..n], &played[..]);
+        assert!(played[8] > 0.0 && played[11] < played[8]); // it did fade
+        assert_eq!(c.snapshot().far_dropped, 0);
     }
 
     #[test]

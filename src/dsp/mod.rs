@@ -5,6 +5,8 @@
 //! Context: everything here runs on the DSP worker thread (`worker.rs`) or in benchmarks; nothing touches
 //! tokio, sockets or cpal.
 
+#[cfg(feature = "aec")]
+pub mod aec;
 pub mod codec;
 pub mod downlink;
 pub mod resample;

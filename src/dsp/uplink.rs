@@ -5,10 +5,16 @@
 //! turn machine says the turn is over (`stop_stream`), so pauses inside a turn reach the agent too. A
 //! stream that is never stopped ends by itself after `max_stream_ms`.
 //!
+//! Echo cancellation (feature `aec`, `aec.enabled`): the far end (what the speaker played, 16 kHz) comes
+//! in through `render`; each 10 ms of mic audio is cancelled before the pre-roll, the VAD and the
+//! encoder. The barge-in gate then decides what the VAD may hear: while the device's voice plays, a
+//! frame whose echo-cancelled energy is not `aec.gate_margin_db` above the echo expected from the far
+//! end reaches the VAD as silence (the encoder still gets the real audio).
+//!
 //! Context: DSP worker thread. All buffers are sized in `new`; `process` does not allocate.
 
 use crate::audio::StreamFormat;
-use crate::config::{ChannelSelect, OpusConfig, VadConfig};
+use crate::config::{AecConfig, ChannelSelect, OpusConfig, VadConfig};
 
 use super::codec::{MAX_PACKET_BYTES, OpusEncoder, UPLINK_RATE_HZ};
 use super::resample::StreamResampler;
@@ -17,6 +23,15 @@ use super::{DspError, downmix, to_i16};
 
 /// Largest input block `process` accepts in one call, in frames; larger blocks are split.
 const MAX_BLOCK_FRAMES: usize = 4096;
+/// Below this (-65 dBFS) a cancelled frame is never speech over the far end.
+#[cfg(feature = "aec")]
+const NEAR_FLOOR: f32 = 3e-7;
+/// The residual echo (after cancellation, against the far end) assumed before any is measured: 0 dB,
+/// the pessimistic guess, so the first words of the device's voice cannot pass for the user.
+#[cfg(feature = "aec")]
+const INITIAL_ECHO_GAIN_DB: f32 = 0.0;
+#[cfg(feature = "aec")]
+const MIN_ECHO_GAIN_DB: f32 = -60.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UplinkSettings {
@@ -27,6 +42,8 @@ pub struct UplinkSettings {
     pub preroll_ms: u32,
     /// Safety cap on one stream when nobody calls `stop_stream`.
     pub max_stream_ms: u32,
+    /// Echo cancellation and the barge-in gate; `None`: off (or built without the `aec` feature).
+    pub aec: Option<AecConfig>,
 }
 
 /// What the uplink produces. Positions are in 16 kHz samples since the stream started.
@@ -53,6 +70,26 @@ pub enum UplinkEvent<'a> {
     },
 }
 
+/// What the barge-in gate did so far (for logs, the bench and the demo).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct GateStats {
+    /// 10 ms frames processed while the far end was playing.
+    pub far_frames: u64,
+    /// Of those, frames the gate kept from the VAD as echo.
+    pub gated_frames: u64,
+    /// Mic and echo-cancelled energy summed over the frames with the far end playing (for ERLE).
+    pub echo_mic_energy: f64,
+    pub echo_out_energy: f64,
+}
+
+impl GateStats {
+    /// Echo return loss enhancement over the frames counted, dB (mic energy / cancelled energy).
+    pub fn erle_db(&self) -> Option<f64> {
+        (self.echo_out_energy > 0.0 && self.echo_mic_energy > 0.0)
+            .then(|| 10.0 * (self.echo_mic_energy / self.echo_out_energy).log10())
+    }
+}
+
 pub struct Uplink {
     channels: usize,
     select: ChannelSelect,
@@ -73,6 +110,21 @@ pub struct Uplink {
     pos: u64,
     seq: u64,
     encode_errors: u64,
+    /// 10 ms of 16 kHz audio being gathered for the canceller and the VAD.
+    stage: [i16; 160],
+    stage_fill: usize,
+    /// What the VAD hears of the staged frame (silence where the gate says echo).
+    vad_frame: [i16; 160],
+    #[cfg(feature = "aec")]
+    aec: Option<super::aec::EchoCanceller>,
+    /// Gate margin as a power ratio.
+    #[cfg(feature = "aec")]
+    gate_margin: f32,
+    /// Cancelled energy / far-end energy while only the far end played, dB: the residual echo's
+    /// level relative to what played, tracked.
+    #[cfg(feature = "aec")]
+    echo_gain_db: f32,
+    gate: GateStats,
 }
 
 impl Uplink {
@@ -111,7 +163,53 @@ impl Uplink {
             pos: 0,
             seq: 0,
             encode_errors: 0,
+            stage: [0; 160],
+            stage_fill: 0,
+            vad_frame: [0; 160],
+            #[cfg(feature = "aec")]
+            aec: s.aec.as_ref().map(super::aec::EchoCanceller::new),
+            #[cfg(feature = "aec")]
+            gate_margin: s
+                .aec
+                .as_ref()
+                .map_or(1.0, |a| 10f32.powf(a.gate_margin_db / 10.0)),
+            #[cfg(feature = "aec")]
+            echo_gain_db: INITIAL_ECHO_GAIN_DB,
+            gate: GateStats::default(),
         })
+    }
+
+    /// Whether echo cancellation runs in this pipeline.
+    pub fn aec_active(&self) -> bool {
+        #[cfg(feature = "aec")]
+        {
+            self.aec.is_some()
+        }
+        #[cfg(not(feature = "aec"))]
+        {
+            false
+        }
+    }
+
+    /// Far-end samples at 16 kHz (what the speaker played), in playing order. Call before the mic
+    /// audio of the same period.
+    pub fn render(&mut self, far: &[f32]) {
+        #[cfg(feature = "aec")]
+        if let Some(aec) = &mut self.aec {
+            aec.render(far);
+        }
+        #[cfg(not(feature = "aec"))]
+        let _ = far;
+    }
+
+    /// The canceller's own figures, when it runs.
+    #[cfg(feature = "aec")]
+    pub fn aec_stats(&self) -> Option<super::aec::AecStats> {
+        self.aec.as_ref().map(|a| a.stats())
+    }
+
+    pub fn gate_stats(&self) -> GateStats {
+        self.gate
     }
 
     /// 16 kHz samples processed so far (the audio clock of the service).
@@ -168,12 +266,37 @@ impl Uplink {
         }
     }
 
-    /// Run VAD, pre-roll and the encoder over `self.pcm[..n]` (16 kHz).
+    /// Gather `self.pcm[..n]` (16 kHz) into 10 ms frames for [`Uplink::process_frame`].
     fn process_pcm(&mut self, n: usize, emit: &mut dyn FnMut(UplinkEvent<'_>)) {
-        // Work in 10 ms pieces so speech start is acted on promptly.
         let mut off = 0;
         while off < n {
-            let len = (n - off).min(160);
+            let take = (160 - self.stage_fill).min(n - off);
+            self.stage[self.stage_fill..self.stage_fill + take]
+                .copy_from_slice(&self.pcm[off..off + take]);
+            self.stage_fill += take;
+            off += take;
+            if self.stage_fill == 160 {
+                self.stage_fill = 0;
+                self.process_frame(emit);
+            }
+        }
+    }
+
+    /// Cancel the echo in the staged frame, gate it, then run the pre-roll, VAD and encoder over it.
+    fn process_frame(&mut self, emit: &mut dyn FnMut(UplinkEvent<'_>)) {
+        self.vad_frame = self.stage;
+        #[cfg(feature = "aec")]
+        if let Some(aec) = &mut self.aec {
+            let levels = aec.capture(&mut self.stage);
+            self.vad_frame = self.stage;
+            if !self.gate_passes(levels) {
+                self.vad_frame = [0; 160];
+            }
+        }
+        // The staged frame is the pipeline's input from here on.
+        self.pcm[..160].copy_from_slice(&self.stage);
+        {
+            let (off, len) = (0usize, 160usize);
             let start = self.pos;
             let end = start + len as u64;
             if self.streaming {
@@ -182,7 +305,7 @@ impl Uplink {
             self.preroll.push(&self.pcm[off..off + len]);
             let mut started = None;
             let mut ended = None;
-            self.vad.push(&self.pcm[off..off + len], |e| match e {
+            self.vad.push(&self.vad_frame, |e| match e {
                 VadEvent::SpeechStart { at } => started = Some(at),
                 VadEvent::SpeechEnd { at } => ended = Some(at),
             });
@@ -200,8 +323,41 @@ impl Uplink {
                 self.stop_stream();
                 emit(UplinkEvent::StreamCapped { at: end });
             }
-            off += len;
         }
+    }
+
+    /// The barge-in gate for one frame: may the VAD hear it?
+    #[cfg(feature = "aec")]
+    fn gate_passes(&mut self, l: super::aec::FrameLevels) -> bool {
+        if l.far < super::aec::FAR_ACTIVE {
+            return true; // nothing is playing: no echo to tell apart
+        }
+        self.gate.far_frames += 1;
+        self.gate.echo_mic_energy += f64::from(l.mic);
+        self.gate.echo_out_energy += f64::from(l.out);
+        // The echo to expect: the loudest recent far end through the echo path, after cancellation.
+        let expected = l.far * 10f32.powf(self.echo_gain_db / 10.0);
+        let passes = l.out > expected * self.gate_margin && l.out > NEAR_FLOOR;
+        if passes {
+            tracing::trace!(
+                out_db = super::aec::db(l.out),
+                expected_db = super::aec::db(expected),
+                mic_db = super::aec::db(l.mic),
+                far_db = super::aec::db(l.far),
+                "gate: near-end speech over the far end"
+            );
+        } else {
+            self.gate.gated_frames += 1;
+            // Learn the residual echo level from frames that look like echo only: an 80th
+            // percentile of out/far in dB (up 1.2 dB, down 0.3 dB a frame), so a loud moment of the
+            // echo raises it quickly and the user's own (passing) frames never do.
+            if l.far > 0.0 && l.out > 0.0 {
+                let g_db = super::aec::db(l.out / l.far);
+                self.echo_gain_db += if g_db > self.echo_gain_db { 1.2 } else { -0.3 };
+                self.echo_gain_db = self.echo_gain_db.clamp(MIN_ECHO_GAIN_DB, 10.0);
+            }
+        }
+        passes
     }
 
     /// Start a stream at `at - preroll`, feeding the encoder from the pre-roll ring up to `now`.

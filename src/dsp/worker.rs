@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::audio::earcon::{Earcon, Earcons};
-use crate::audio::rt::{FlushHandle, capture_ring, playback_ring};
+use crate::audio::rt::{FarEndTap, FlushHandle, capture_ring, playback_ring};
 use crate::audio::{DeviceFactory, DeviceStatus, RtCounters, RunningStream, StreamFormat};
 use crate::config::Config;
 
 use super::downlink::{Downlink, DownlinkAudio};
+use super::resample::StreamResampler;
 use super::uplink::{Uplink, UplinkEvent, UplinkSettings};
 use super::vad::{self, samples_to_ms};
 
@@ -240,6 +241,59 @@ struct Session {
     playing: bool,
     last_flush_seen: u64,
     input_ended: bool,
+    /// What the speaker played, for the echo canceller (when it runs).
+    far: Option<FarEnd>,
+}
+
+/// The far-end tap, mixed to mono and resampled to 16 kHz for the uplink's echo canceller.
+struct FarEnd {
+    tap: FarEndTap,
+    raw: Vec<f32>,
+    mono: Vec<f32>,
+    resampler: StreamResampler,
+    out16: Vec<f32>,
+}
+
+impl FarEnd {
+    fn new(tap: FarEndTap, rate_hz: u32) -> Result<Self, super::DspError> {
+        let block = 4096 * tap.channels;
+        Ok(FarEnd {
+            raw: vec![0.0; block],
+            mono: vec![0.0; 4096],
+            resampler: StreamResampler::new(rate_hz, super::codec::UPLINK_RATE_HZ)?,
+            out16: Vec::with_capacity(8192),
+            tap,
+        })
+    }
+
+    /// Everything played since the last call, at 16 kHz, into `uplink`.
+    fn drain_into(&mut self, uplink: &mut Uplink) {
+        let ch = self.tap.channels.max(1);
+        loop {
+            let avail = self.tap.consumer.slots().min(self.raw.len());
+            let n = avail - avail % ch;
+            if n == 0 {
+                return;
+            }
+            let (got, _) = self.tap.consumer.pop_partial_slice(&mut self.raw[..n]);
+            let got = got.len();
+            let frames = super::downmix(
+                &self.raw[..got],
+                ch,
+                crate::config::ChannelSelect::Mix,
+                &mut self.mono,
+            );
+            self.out16.clear();
+            let FarEnd {
+                resampler,
+                mono,
+                out16,
+                ..
+            } = self;
+            resampler.process(&mono[..frames], |o| out16.extend_from_slice(o));
+            uplink.render(&self.out16);
+        }
+    }
 }
 
 enum Exit {
@@ -326,6 +380,13 @@ impl Worker {
             self.counters.clone(),
             &self.flush,
         );
+        let (reader, far) = if cfg.aec_active() {
+            let (reader, tap) = reader.with_far_tap(play_samples);
+            let far = FarEnd::new(tap, out_fmt.rate_hz).map_err(|e| (e.to_string(), false))?;
+            (reader, Some(far))
+        } else {
+            (reader, None)
+        };
         let uplink = Uplink::new(
             &UplinkSettings {
                 input: in_fmt,
@@ -334,6 +395,7 @@ impl Worker {
                 opus: cfg.opus.clone(),
                 preroll_ms: cfg.turn.preroll_ms,
                 max_stream_ms: cfg.turn.max_utterance_ms + 2_000,
+                aec: cfg.aec_active().then(|| cfg.aec.clone()),
             },
             vad::engine(&cfg.vad),
         )
@@ -373,6 +435,7 @@ impl Worker {
             playing: false,
             last_flush_seen: self.flush.current(),
             input_ended: false,
+            far,
         })
     }
 
@@ -428,6 +491,10 @@ impl Worker {
                 s.scratch.len()
             };
             let mut events = std::mem::take(&mut s.uplink_events);
+            // What played first, so the canceller has the far end before the mic audio it echoes in.
+            if let Some(far) = &mut s.far {
+                far.drain_into(&mut s.uplink);
+            }
             loop {
                 let avail = s.capture.slots().min(limit);
                 let n = avail - avail % in_ch;

@@ -954,10 +954,8 @@ impl HaipClient {
         let p = self.remove_queued(i)?;
         trace!(seq, channel, ty = p.ty(), "haip: send");
         let mut wires = vec![Wire::Text(text)];
-        if with_binary {
-            if let Body::Audio { data, .. } = p.body {
-                wires.push(Wire::Binary(data));
-            }
+        if with_binary && let Body::Audio { data, .. } = p.body {
+            wires.push(Wire::Binary(data));
         }
         self.remember_sent(seq, now_ms, channel, cost, &wires);
         Some(wires)
@@ -1018,18 +1016,17 @@ impl HaipClient {
     fn queue_flow_update(&mut self, channel: &str, messages: u64, bytes: u64) {
         let (messages, bytes) = (messages.max(1), bytes.max(1));
         for p in self.queue.iter_mut() {
-            if let Body::Event { ty, payload, .. } = &mut p.body {
-                if *ty == "FLOW_UPDATE"
-                    && payload.get("channel").and_then(Value::as_str) == Some(channel)
-                {
-                    if let Value::Object(m) = payload {
-                        let old_m = m.get("add_messages").and_then(Value::as_u64).unwrap_or(0);
-                        let old_b = m.get("add_bytes").and_then(Value::as_u64).unwrap_or(0);
-                        m.insert("add_messages".into(), json!(old_m.saturating_add(messages)));
-                        m.insert("add_bytes".into(), json!(old_b.saturating_add(bytes)));
-                    }
-                    return;
+            if let Body::Event { ty, payload, .. } = &mut p.body
+                && *ty == "FLOW_UPDATE"
+                && payload.get("channel").and_then(Value::as_str) == Some(channel)
+            {
+                if let Value::Object(m) = payload {
+                    let old_m = m.get("add_messages").and_then(Value::as_u64).unwrap_or(0);
+                    let old_b = m.get("add_bytes").and_then(Value::as_u64).unwrap_or(0);
+                    m.insert("add_messages".into(), json!(old_m.saturating_add(messages)));
+                    m.insert("add_bytes".into(), json!(old_b.saturating_add(bytes)));
                 }
+                return;
             }
         }
         let payload = json!({ "channel": channel, "add_messages": messages, "add_bytes": bytes });
@@ -1301,24 +1298,24 @@ impl HaipClient {
         self.account_rx(channel, rx_cost);
 
         let id = env.get("id").and_then(Value::as_str);
-        if let Some(id) = id {
-            if !self.remember_id(id) {
-                self.stats.duplicates_dropped += 1;
-                trace!(id, ty, "haip: duplicate id dropped");
-                return Ok(());
-            }
+        if let Some(id) = id
+            && !self.remember_id(id)
+        {
+            self.stats.duplicates_dropped += 1;
+            trace!(id, ty, "haip: duplicate id dropped");
+            return Ok(());
         }
         let seq = parse_seq(env.get("seq"));
         let is_hai = kind == Some("HAI");
         // The peer's HAI re-bases the sequence instead (see on_hai).
         if !is_hai {
             self.peer_seq_numeric = seq.is_some();
-            if let Some(s) = seq {
-                if !self.accept_seq(now_ms, s) {
-                    self.stats.duplicates_dropped += 1;
-                    trace!(seq = s, ty, "haip: duplicate seq dropped");
-                    return Ok(());
-                }
+            if let Some(s) = seq
+                && !self.accept_seq(now_ms, s)
+            {
+                self.stats.duplicates_dropped += 1;
+                trace!(seq = s, ty, "haip: duplicate seq dropped");
+                return Ok(());
             }
         }
         if env.get("crit") == Some(&Value::Bool(true)) {
@@ -1360,13 +1357,12 @@ impl HaipClient {
                 .then(|| payload.get("run_id").and_then(Value::as_str))
                 .flatten()
         });
-        if !is_hai {
-            if let Some(r) = run_id.filter(|r| !r.is_empty()) {
-                if self.screen_run(r) {
-                    trace!(run_id = r, ty, "haip: frame of a cancelled run dropped");
-                    return Ok(());
-                }
-            }
+        if !is_hai
+            && let Some(r) = run_id.filter(|r| !r.is_empty())
+            && self.screen_run(r)
+        {
+            trace!(run_id = r, ty, "haip: frame of a cancelled run dropped");
+            return Ok(());
         }
 
         match kind {
@@ -1773,13 +1769,13 @@ impl Protocol for HaipClient {
         if let Some(rp) = &self.resuming {
             payload.insert("last_rx_seq".into(), json!(rp.last_rx_seq.to_string()));
         }
-        if self.settings.auth_in_hai {
-            if let Some(token) = info.token.as_ref().filter(|t| !t.is_empty()) {
-                payload.insert(
-                    "auth".into(),
-                    json!({ "token": format!("Bearer {}", token.expose()) }),
-                );
-            }
+        if self.settings.auth_in_hai
+            && let Some(token) = info.token.as_ref().filter(|t| !t.is_empty())
+        {
+            payload.insert(
+                "auth".into(),
+                json!({ "token": format!("Bearer {}", token.expose()) }),
+            );
         }
         let payload = Value::Object(payload);
         let Some(text) = self.envelope(1, now_ms, SYSTEM, "HAI", &payload, None, None) else {
@@ -1904,25 +1900,25 @@ impl Protocol for HaipClient {
     }
 
     fn poll(&mut self, now_ms: u64) -> Vec<Wire> {
-        if let Some(due) = self.next_ping_ms {
-            if now_ms >= due {
-                let interval = self.settings.ping_interval_ms.max(1);
-                let mut next = due.saturating_add(interval);
-                if next <= now_ms {
-                    next = now_ms.saturating_add(interval);
-                }
-                self.next_ping_ms = Some(next);
-                // No pile-up while SYSTEM is stalled: one PING in the queue is enough.
-                if !self.queue.iter().any(|p| p.kind == Kind::Ping) {
-                    self.ping_counter += 1;
-                    let nonce = self.ping_counter.to_string();
-                    self.enqueue(Pending::event(
-                        SYSTEM,
-                        Kind::Ping,
-                        "PING",
-                        json!({ "nonce": nonce }),
-                    ));
-                }
+        if let Some(due) = self.next_ping_ms
+            && now_ms >= due
+        {
+            let interval = self.settings.ping_interval_ms.max(1);
+            let mut next = due.saturating_add(interval);
+            if next <= now_ms {
+                next = now_ms.saturating_add(interval);
+            }
+            self.next_ping_ms = Some(next);
+            // No pile-up while SYSTEM is stalled: one PING in the queue is enough.
+            if !self.queue.iter().any(|p| p.kind == Kind::Ping) {
+                self.ping_counter += 1;
+                let nonce = self.ping_counter.to_string();
+                self.enqueue(Pending::event(
+                    SYSTEM,
+                    Kind::Ping,
+                    "PING",
+                    json!({ "nonce": nonce }),
+                ));
             }
         }
         let mut requests = Vec::new();
