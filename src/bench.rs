@@ -161,6 +161,29 @@ pub fn whole_uplink(b: &BenchInput) -> usize {
     black_box(frames)
 }
 
+/// The echo canceller alone on the 16 kHz signal: far end = the fixture, mic = its echo (the same
+/// signal, attenuated and 30 ms late), rendered then captured in 10 ms frames as the worker does.
+#[cfg(feature = "aec")]
+pub fn stage_aec(b: &BenchInput) -> usize {
+    let mut aec = crate::dsp::aec::EchoCanceller::new(&b.config.aec);
+    let delay = 30 * 16;
+    let mut frame = [0i16; crate::dsp::aec::FRAME];
+    let mut far = [0.0f32; crate::dsp::aec::FRAME];
+    let mut n = 0;
+    for (i, chunk) in b.mono16.chunks_exact(crate::dsp::aec::FRAME).enumerate() {
+        for (d, s) in far.iter_mut().zip(chunk) {
+            *d = f32::from(*s) / 32768.0;
+        }
+        aec.render(&far);
+        let start = (i * crate::dsp::aec::FRAME).saturating_sub(delay);
+        for (k, d) in frame.iter_mut().enumerate() {
+            *d = b.mono16.get(start + k).map_or(0, |s| s / 2);
+        }
+        n += aec.capture(&mut frame).out as usize;
+    }
+    black_box(n)
+}
+
 pub fn stage_opus_decode(b: &BenchInput, out: &mut [f32]) -> usize {
     let Ok(mut d) = OpusDecoder::new() else {
         return 0;
@@ -275,6 +298,21 @@ pub fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
     ];
     print_table("uplink", secs, &stages, t_whole);
     println!("  ({frames} Opus frames encoded in the whole-pipeline run)");
+    #[cfg(feature = "aec")]
+    {
+        let t_aec = best_of(reps, || {
+            stage_aec(&b);
+        });
+        println!(
+            "\necho cancellation (AEC3, 16 kHz, far end + mic){:>12.3} ms / audio s {:>8.0}x real time",
+            t_aec / secs * 1e3,
+            secs / t_aec
+        );
+        println!(
+            "  AEC / rest of the uplink pipeline = {:.2} (the cost of cancelling, per audio second)",
+            t_aec / t_whole
+        );
+    }
 
     let mut dec = vec![0.0f32; MAX_DECODED_SAMPLES];
     let t_down = best_of(reps, || {

@@ -52,6 +52,11 @@ pub struct DemoArgs {
     /// Where to write what the speaker would have played.
     #[arg(long, value_name = "WAV", default_value = "hearken-demo.wav")]
     pub output: PathBuf,
+    /// Scripted mode: no simulated room (by default the speaker's output reaches the mic again,
+    /// 40 ms late and 6 dB down, so the echo canceller has to keep the device from interrupting
+    /// itself).
+    #[arg(long)]
+    pub no_echo: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

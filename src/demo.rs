@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::agent::haip::{self as agent, AgentSettings, ToolCall};
 use crate::audio::earcon::decode_wav;
-use crate::audio::file::OutputKind;
+use crate::audio::file::{OutputKind, RoomEcho};
 use crate::config::Config;
 use crate::events::EventSink;
 use crate::service::{self, Io, RunOptions, RunReport};
@@ -32,7 +32,15 @@ const DEMO_TOKEN: &str = "hearken-demo-token";
 pub struct DemoOptions {
     pub live: bool,
     pub output: PathBuf,
+    /// Scripted mode: put mic and speaker in a simulated room (the speaker is heard by the mic).
+    pub echo: bool,
 }
+
+/// The simulated room of the scripted demo: a small speaker next to the mic.
+pub const DEMO_ROOM: RoomEcho = RoomEcho {
+    delay_ms: 40,
+    gain_db: -6.0,
+};
 
 /// Where the fixtures are (source tree or installed package).
 pub fn fixtures_dir() -> anyhow::Result<PathBuf> {
@@ -122,10 +130,28 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                 "playing a scripted conversation of {:.1} s in real time (question, barge-in, question)",
                 ms as f64 / 1000.0
             );
-            Io::File {
-                input: script,
-                output: OutputKind::Wav(opts.output.clone()),
-                realtime: true,
+            if opts.echo {
+                println!(
+                    "simulated room: the mic hears the speaker {} ms late at {} dB{}",
+                    DEMO_ROOM.delay_ms,
+                    DEMO_ROOM.gain_db,
+                    if config.aec_active() {
+                        " (echo cancellation on)"
+                    } else {
+                        " (echo cancellation OFF: expect the device to interrupt itself)"
+                    }
+                );
+                Io::Room {
+                    input: script,
+                    output: OutputKind::Wav(opts.output.clone()),
+                    room: DEMO_ROOM,
+                }
+            } else {
+                Io::File {
+                    input: script,
+                    output: OutputKind::Wav(opts.output.clone()),
+                    realtime: true,
+                }
             }
         };
         let report = service::run(
@@ -214,6 +240,19 @@ fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
         percentile(&r.barge_in_flush_ms, 95.0).map_or("-".into(), |v| format!("{v} ms")),
         r.barge_in_flush_ms.len(),
     );
+    match &r.echo {
+        Some(e) => println!(
+            "echo cancellation: ERLE {} after the first second (AEC3's own estimate {}) over {} frames \
+             of the device's voice, speaker-to-mic delay estimate {}, {} frames kept from the VAD by \
+             the barge-in gate",
+            e.erle_db.map_or("-".into(), |v| format!("{v:.1} dB")),
+            e.aec3_erle_db.map_or("-".into(), |v| format!("{v:.1} dB")),
+            e.far_frames,
+            e.delay_ms.map_or("-".into(), |v| format!("{v} ms")),
+            e.gated_frames,
+        ),
+        None => println!("echo cancellation: off"),
+    }
     println!(
         "link: {} connection(s), {} duplicate(s) dropped, {} frame(s) of cancelled runs dropped, \
          {} replay request(s), {} unreadable frame(s) skipped",

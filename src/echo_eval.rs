@@ -61,8 +61,8 @@ pub struct MixResult {
     pub missed: bool,
     /// User onset (ground truth) -> playback flushed: the barge-in decision plus one output period.
     pub latency_ms: Option<u64>,
-    /// Mic energy / echo-cancelled energy over the far-end frames after the first second, dB
-    /// (echo-only mixes; with a user in the mix it measures nothing useful and is left out).
+    /// Mic energy / echo-cancelled energy over the far-end frames after the first second (those the
+    /// gate took for echo), dB; echo-only mixes only (with a user in the mix it is left out).
     pub erle_db: Option<f64>,
     /// 10 ms frames the gate kept from the VAD, of those with the far end playing.
     pub gated_frames: u64,
@@ -148,10 +148,8 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
             },
         );
         let after = up.gate_stats();
-        if after.far_frames > 100 {
-            erle.0 += after.echo_mic_energy - before.echo_mic_energy;
-            erle.1 += after.echo_out_energy - before.echo_out_energy;
-        }
+        erle.0 += after.echo_mic_energy - before.echo_mic_energy;
+        erle.1 += after.echo_out_energy - before.echo_out_energy;
         let now = T0_MS + (b as u64 + 1) * 10;
         let mut actions = Vec::new();
         for (start, at) in events.drain(..) {

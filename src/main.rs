@@ -65,6 +65,7 @@ fn main() -> ExitCode {
             &hearken::demo::DemoOptions {
                 live: args.live,
                 output: args.output,
+                echo: !args.no_echo,
             },
         ),
         Command::Agent(args) => hearken::agent::run_cli(&args),

@@ -41,6 +41,13 @@ pub enum Io {
     },
     /// Live microphone, speaker to a WAV file.
     LiveToFile { output: PathBuf },
+    /// A WAV in real time as the mic and a file-like speaker, in a simulated room: the speaker's
+    /// output reaches the mic again (the demo).
+    Room {
+        input: PathBuf,
+        output: OutputKind,
+        room: crate::audio::file::RoomEcho,
+    },
 }
 
 pub struct RunOptions {
@@ -78,6 +85,8 @@ pub struct RunReport {
     pub agent_runs: u32,
     pub agent_connects: u32,
     pub agent_disconnects: u32,
+    /// The echo canceller's latest figures (when it runs).
+    pub echo: Option<crate::dsp::worker::EchoReport>,
     /// Protocol counters of the agent link (duplicates, cancelled-run frames, replays, ...).
     pub link: crate::link::LinkStats,
     pub skipped_frames: u32,
@@ -235,6 +244,24 @@ fn devices(config: &Config, io: &Io) -> (Box<dyn DeviceFactory>, bool, bool) {
                 false,
             )
         }
+        Io::Room {
+            input,
+            output,
+            room,
+        } => (
+            Box::new(
+                FileDevices::new(
+                    Some(input.clone()),
+                    output.clone(),
+                    output_format(config),
+                    Pacing::Realtime,
+                    0,
+                )
+                .with_room(*room),
+            ),
+            false,
+            false,
+        ),
     }
 }
 
@@ -518,6 +545,13 @@ impl Service {
                 self.emit(EventKind::InputEnded);
                 self.input_ended = Some(Instant::now());
                 Some(Input::InputEnded)
+            }
+            WorkerEvent::Echo(r) => {
+                tracing::debug!(erle_db = ?r.erle_db, aec3_erle_db = ?r.aec3_erle_db,
+                    delay_ms = ?r.delay_ms, far_frames = r.far_frames, gated_frames = r.gated_frames,
+                    "echo cancellation");
+                self.report.echo = Some(r);
+                None
             }
             WorkerEvent::Tick { at_ms } => {
                 self.now = self.now.max(at_ms);

@@ -456,6 +456,55 @@ async fn a_bad_token_is_retried_with_backoff_and_a_fixed_one_is_read_again() {
     );
 }
 
+/// The device in a simulated room (the mic hears the speaker 40 ms late, 6 dB down), answering one
+/// question; returns its report.
+async fn run_in_room(tag: &str, extra: &[String]) -> (RunReport, AgentHandle) {
+    let tmp = Scratch::new(tag);
+    let a = start_agent(agent_settings()).await;
+    let cfg = config(&a.url(), &tmp.token_file(TOKEN), extra);
+    let (output, _) = service::memory_output();
+    let (_stop, shutdown) = watch::channel(false);
+    let report = service::run(
+        cfg,
+        RunOptions {
+            io: Io::Room {
+                // Long enough a tail that the mic hears the whole answer.
+                input: tmp.script(&[("question.wav", 300)], 5_500),
+                output,
+                room: hearken::demo::DEMO_ROOM,
+            },
+            events: EventSink::None,
+            record_events: true,
+        },
+        shutdown,
+    )
+    .await
+    .expect("device run");
+    (report, a)
+}
+
+#[cfg(feature = "aec")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_room_echo_cancellation_keeps_the_device_from_interrupting_itself() {
+    let (report, a) = run_in_room("room-aec", &[]).await;
+    assert_no_violations(&a);
+    // The agent's whole answer (the question played back, ~3.8 s) came back through the mic.
+    assert_eq!(report.barge_ins, 0, "{:?}", report.turns);
+    assert_eq!(report.turns.len(), 1);
+    assert_eq!(a.stats().runs_finished, 1);
+    let echo = report.echo.expect("echo figures");
+    assert!(echo.far_frames > 200, "{echo:?}");
+    assert!(echo.erle_db.is_some_and(|e| e >= 20.0), "{echo:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_room_without_echo_cancellation_the_device_interrupts_itself() {
+    let (report, _a) = run_in_room("room-off", &["aec.enabled=false".to_string()]).await;
+    // The control experiment for the test above: the same room fools a device that does not cancel.
+    assert!(report.barge_ins >= 1, "{:?}", report.turns);
+    assert!(report.echo.is_none());
+}
+
 /// A CA and a server configuration for `localhost` signed by it.
 fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};

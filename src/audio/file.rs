@@ -53,6 +53,52 @@ pub struct WavCapture {
     pacing: Pacing,
     /// Extra silence appended after the file, so a turn that ends with the file can close.
     tail_ms: u32,
+    /// A simulated room's echo of the speaker, added to the file's samples.
+    air: Option<rtrb::Consumer<f32>>,
+}
+
+/// A simulated room for file runs (the demo): what the speaker plays reaches the mic again, late and
+/// quieter, as it would from a real speaker next to a real mic. The echo canceller has to earn its
+/// keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoomEcho {
+    /// Speaker to mic, ms.
+    pub delay_ms: u32,
+    /// Level of the echo against what was played, dB (negative).
+    pub gain_db: f32,
+}
+
+/// The speaker's end of the simulated room: mono, resampled to the mic's rate, attenuated.
+struct AirOut {
+    producer: rtrb::Producer<f32>,
+    resampler: crate::dsp::resample::StreamResampler,
+    mono: Vec<f32>,
+    out: Vec<f32>,
+    gain: f32,
+}
+
+impl AirOut {
+    fn push(&mut self, played: &[f32], channels: usize) {
+        let frames = crate::dsp::downmix(
+            played,
+            channels,
+            crate::config::ChannelSelect::Mix,
+            &mut self.mono,
+        );
+        self.out.clear();
+        let AirOut {
+            resampler,
+            mono,
+            out,
+            ..
+        } = self;
+        resampler.process(&mono[..frames], |o| out.extend_from_slice(o));
+        for x in self.out.iter_mut() {
+            *x *= self.gain;
+        }
+        // A full room ring (the mic side stalled) just loses echo, which is harmless here.
+        let _ = self.producer.push_partial_slice(&self.out);
+    }
 }
 
 impl WavCapture {
@@ -80,6 +126,7 @@ impl WavCapture {
             reader,
             pacing,
             tail_ms,
+            air: None,
         })
     }
 }
@@ -161,6 +208,8 @@ impl Capture for WavCapture {
                 .store(format.rate_hz as u64, Ordering::Release);
         }
         let mut reader = self.reader;
+        let mut air = self.air;
+        let channels = format.channels.max(1) as usize;
         let path = self.path.display().to_string();
         let guard = spawn_clock("hearken-wav-in", move |stop| {
             let mut samples = read_samples(&mut reader, spec, &path)
@@ -194,6 +243,15 @@ impl Capture for WavCapture {
                                 return;
                             }
                             std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                }
+                if let Some(air) = &mut air {
+                    // The room: the speaker's echo, one sample per frame, onto every channel.
+                    for f in buf[..len].chunks_mut(channels) {
+                        let e = air.pop().unwrap_or(0.0);
+                        for x in f {
+                            *x = (*x + e).clamp(-1.0, 1.0);
                         }
                     }
                 }
@@ -286,6 +344,7 @@ pub struct FilePlayback {
     format: StreamFormat,
     pacing: Pacing,
     label: String,
+    air: Option<AirOut>,
 }
 
 /// Shorthand constructors, named after what they play into.
@@ -318,6 +377,7 @@ impl WavPlayback {
             format,
             pacing,
             label: format!("WAV file {}", path.display()),
+            air: None,
         })
     }
 }
@@ -334,6 +394,7 @@ impl MemoryPlayback {
             format,
             pacing,
             label: "memory".into(),
+            air: None,
         }
     }
 }
@@ -345,6 +406,7 @@ impl NullPlayback {
             format,
             pacing,
             label: "null".into(),
+            air: None,
         }
     }
 }
@@ -368,6 +430,8 @@ impl Playback for FilePlayback {
         let period = frames as usize * format.channels as usize;
         let pacing = self.pacing;
         let mut sink = self.sink;
+        let mut air = self.air;
+        let channels = format.channels.max(1) as usize;
         let shared = reader.shared().clone();
         let guard = spawn_clock("hearken-file-out", move |stop| {
             let mut buf = vec![0.0f32; period];
@@ -400,6 +464,9 @@ impl Playback for FilePlayback {
                     }
                 }
                 reader.render(&mut buf);
+                if let Some(air) = &mut air {
+                    air.push(&buf, channels);
+                }
                 sink.write(&buf);
             }
             sink.finish();
@@ -416,6 +483,9 @@ pub struct FileDevices {
     pub pacing: Pacing,
     pub tail_ms: u32,
     opened_input: bool,
+    room: Option<RoomEcho>,
+    /// The room ring's speaker end and the mic's rate, between opening the mic and the speaker.
+    air_producer: Option<(rtrb::Producer<f32>, u32)>,
 }
 
 /// Where a file-based run's speaker goes.
@@ -441,7 +511,15 @@ impl FileDevices {
             pacing,
             tail_ms,
             opened_input: false,
+            room: None,
+            air_producer: None,
         }
+    }
+
+    /// Put the mic and the speaker in a simulated room (real-time pacing only).
+    pub fn with_room(mut self, room: RoomEcho) -> Self {
+        self.room = Some(room);
+        self
     }
 }
 
@@ -461,21 +539,44 @@ impl DeviceFactory for FileDevices {
             });
         }
         self.opened_input = true;
-        Ok(Box::new(WavCapture::open(
-            input,
-            self.pacing.clone(),
-            self.tail_ms,
-        )?))
+        let mut cap = WavCapture::open(input, self.pacing.clone(), self.tail_ms)?;
+        if let Some(room) = self.room {
+            let rate = cap.format().rate_hz;
+            // One second of room, primed with the delay's worth of silence.
+            let (mut p, c) = rtrb::RingBuffer::new(rate as usize);
+            let delay = (rate as u64 * u64::from(room.delay_ms) / 1000) as usize;
+            for _ in 0..delay.min(rate as usize / 2) {
+                let _ = p.push(0.0);
+            }
+            self.air_producer = Some((p, rate));
+            cap.air = Some(c);
+        }
+        Ok(Box::new(cap))
     }
 
     fn open_playback(&mut self) -> Result<Box<dyn Playback>, DeviceError> {
         let f = self.output_format;
-        Ok(match &self.output {
-            OutputKind::Wav(p) => Box::new(WavPlayback::create(p, f, self.pacing.clone())?),
-            OutputKind::Memory(b) => {
-                Box::new(MemoryPlayback::create(b.clone(), f, self.pacing.clone()))
-            }
-            OutputKind::Null => Box::new(NullPlayback::create(f, self.pacing.clone())),
-        })
+        let mut out = match &self.output {
+            OutputKind::Wav(p) => WavPlayback::create(p, f, self.pacing.clone())?,
+            OutputKind::Memory(b) => MemoryPlayback::create(b.clone(), f, self.pacing.clone()),
+            OutputKind::Null => NullPlayback::create(f, self.pacing.clone()),
+        };
+        if let (Some(room), Some((producer, mic_rate))) = (self.room, self.air_producer.take()) {
+            let resampler = crate::dsp::resample::StreamResampler::new(f.rate_hz, mic_rate)
+                .map_err(|e| DeviceError::Backend {
+                    kind: "file",
+                    name: "room".into(),
+                    message: e.to_string(),
+                })?;
+            let period = (f.rate_hz * PERIOD_MS / 1000) as usize;
+            out.air = Some(AirOut {
+                producer,
+                resampler,
+                mono: vec![0.0; period],
+                out: Vec::with_capacity(period * 2),
+                gain: 10f32.powf(room.gain_db / 20.0),
+            });
+        }
+        Ok(Box::new(out))
     }
 }

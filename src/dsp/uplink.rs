@@ -30,6 +30,9 @@ const NEAR_FLOOR: f32 = 3e-7;
 /// the pessimistic guess, so the first words of the device's voice cannot pass for the user.
 #[cfg(feature = "aec")]
 const INITIAL_ECHO_GAIN_DB: f32 = 0.0;
+/// Far-end frames before the ERLE figure starts counting (the canceller converges meanwhile).
+#[cfg(feature = "aec")]
+const CONVERGED_FRAMES: u64 = 100;
 #[cfg(feature = "aec")]
 const MIN_ECHO_GAIN_DB: f32 = -60.0;
 
@@ -77,7 +80,8 @@ pub struct GateStats {
     pub far_frames: u64,
     /// Of those, frames the gate kept from the VAD as echo.
     pub gated_frames: u64,
-    /// Mic and echo-cancelled energy summed over the frames with the far end playing (for ERLE).
+    /// Mic and echo-cancelled energy summed over the frames the gate took for echo, after the first
+    /// second of the far end (for ERLE after convergence).
     pub echo_mic_energy: f64,
     pub echo_out_energy: f64,
 }
@@ -124,6 +128,9 @@ pub struct Uplink {
     /// level relative to what played, tracked.
     #[cfg(feature = "aec")]
     echo_gain_db: f32,
+    /// The gate's last decision (for logging its changes).
+    #[cfg(feature = "aec")]
+    gate_open: bool,
     gate: GateStats,
 }
 
@@ -175,6 +182,8 @@ impl Uplink {
                 .map_or(1.0, |a| 10f32.powf(a.gate_margin_db / 10.0)),
             #[cfg(feature = "aec")]
             echo_gain_db: INITIAL_ECHO_GAIN_DB,
+            #[cfg(feature = "aec")]
+            gate_open: true,
             gate: GateStats::default(),
         })
     }
@@ -333,21 +342,30 @@ impl Uplink {
             return true; // nothing is playing: no echo to tell apart
         }
         self.gate.far_frames += 1;
-        self.gate.echo_mic_energy += f64::from(l.mic);
-        self.gate.echo_out_energy += f64::from(l.out);
         // The echo to expect: the loudest recent far end through the echo path, after cancellation.
         let expected = l.far * 10f32.powf(self.echo_gain_db / 10.0);
         let passes = l.out > expected * self.gate_margin && l.out > NEAR_FLOOR;
-        if passes {
-            tracing::trace!(
+        if passes != self.gate_open {
+            // Every opening and closing, with its evidence: what a barge-in decision rests on.
+            self.gate_open = passes;
+            tracing::debug!(
+                open = passes,
                 out_db = super::aec::db(l.out),
-                expected_db = super::aec::db(expected),
+                expected_echo_db = super::aec::db(expected),
+                margin_db = super::aec::db(self.gate_margin),
                 mic_db = super::aec::db(l.mic),
                 far_db = super::aec::db(l.far),
-                "gate: near-end speech over the far end"
+                at_ms = self.pos / 16,
+                "barge-in gate"
             );
-        } else {
+        }
+        if !passes {
             self.gate.gated_frames += 1;
+            // ERLE over what the gate took for echo, once the canceller has had a second to converge.
+            if self.gate.far_frames > CONVERGED_FRAMES {
+                self.gate.echo_mic_energy += f64::from(l.mic);
+                self.gate.echo_out_energy += f64::from(l.out);
+            }
             // Learn the residual echo level from frames that look like echo only: an 80th
             // percentile of out/far in dB (up 1.2 dB, down 0.3 dB a frame), so a loud moment of the
             // echo raises it quickly and the user's own (passing) frames never do.

@@ -35,6 +35,19 @@ pub const TICK_MS: u64 = 10;
 /// Worker tick while a turn's audio is being streamed.
 pub const STREAMING_TICK_MS: u64 = 2;
 
+/// What the echo canceller and the barge-in gate have done so far (since the devices opened).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct EchoReport {
+    /// Mic energy / cancelled energy over the frames with the device's voice playing, dB.
+    pub erle_db: Option<f64>,
+    /// AEC3's own ERLE estimate and its speaker-to-mic delay estimate.
+    pub aec3_erle_db: Option<f64>,
+    pub delay_ms: Option<i32>,
+    /// 10 ms frames with the device's voice playing, and of those, the ones the gate kept from the VAD.
+    pub far_frames: u64,
+    pub gated_frames: u64,
+}
+
 /// Commands from the service.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Control {
@@ -117,6 +130,8 @@ pub enum WorkerEvent {
     Tick {
         at_ms: u64,
     },
+    /// Echo cancellation figures, once a second while it runs.
+    Echo(EchoReport),
 }
 
 /// Counters of the worker itself.
@@ -243,6 +258,8 @@ struct Session {
     input_ended: bool,
     /// What the speaker played, for the echo canceller (when it runs).
     far: Option<FarEnd>,
+    #[cfg(feature = "aec")]
+    next_echo_report_ms: u64,
 }
 
 /// The far-end tap, mixed to mono and resampled to 16 kHz for the uplink's echo canceller.
@@ -436,6 +453,8 @@ impl Worker {
             last_flush_seen: self.flush.current(),
             input_ended: false,
             far,
+            #[cfg(feature = "aec")]
+            next_echo_report_ms: 1_000,
         })
     }
 
@@ -572,6 +591,20 @@ impl Worker {
                 return Exit::DeviceFailed("output device failed".into());
             }
             self.send(WorkerEvent::Tick { at_ms });
+            #[cfg(feature = "aec")]
+            if at_ms >= s.next_echo_report_ms
+                && let Some(a) = s.uplink.aec_stats()
+            {
+                s.next_echo_report_ms = at_ms + 1_000;
+                let g = s.uplink.gate_stats();
+                self.send(WorkerEvent::Echo(EchoReport {
+                    erle_db: g.erle_db(),
+                    aec3_erle_db: a.erle_db,
+                    delay_ms: a.delay_ms,
+                    far_frames: g.far_frames,
+                    gated_frames: g.gated_frames,
+                }));
+            }
             // 6. Sleep to the next tick (fast mode: only when there was nothing to do).
             if fast {
                 if consumed == 0 {
