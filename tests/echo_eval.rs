@@ -45,6 +45,17 @@ fn with_aec_no_false_and_no_missed_barge_ins() {
     }
 }
 
+#[cfg(feature = "aec")]
+#[test]
+fn noise_suppression_on_top_keeps_the_result() {
+    let results =
+        evaluate_set(&config(&["aec.noise_suppression=true"]), &set_dir()).expect("evaluation");
+    assert!(
+        results.iter().all(|r| r.false_barge_ins == 0 && !r.missed),
+        "{results:?}"
+    );
+}
+
 #[test]
 fn without_aec_the_same_set_fools_the_device() {
     let results = evaluate_set(&config(&["aec.enabled=false"]), &set_dir()).expect("evaluation");

@@ -247,7 +247,17 @@ impl Capture for WavCapture {
                     }
                 }
                 if let Some(air) = &mut air {
-                    // The room: the speaker's echo, one sample per frame, onto every channel.
+                    // The room: the speaker's echo, one sample per frame, onto every channel. If the
+                    // speaker's clock thread is late, wait for it (up to 100 ms): the two clocks then
+                    // slip together and the echo's delay stays what the room says, as in a real room.
+                    let frames = len / channels;
+                    let waited = Instant::now();
+                    while air.slots() < frames
+                        && waited.elapsed() < Duration::from_millis(100)
+                        && !stop.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
                     for f in buf[..len].chunks_mut(channels) {
                         let e = air.pop().unwrap_or(0.0);
                         for x in f {

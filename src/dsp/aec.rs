@@ -22,7 +22,7 @@ pub const FAR_WINDOW_MS: usize = 300;
 pub const FAR_ACTIVE: f32 = 1e-6;
 /// With the far end quiet this long beyond `FAR_WINDOW_MS`, there is no echo to cancel: the mic goes
 /// through untouched (the canceller still runs, to keep its state), so the user's words are not
-/// filtered or suppressed for nothing.
+/// filtered or suppressed for nothing. Not with noise suppression on, which is wanted all the time.
 const BYPASS_AFTER_FRAMES: u32 = 50;
 
 /// Energies of one capture frame (mean square, full scale = 1.0).
@@ -62,6 +62,8 @@ pub struct EchoCanceller {
     far_recent: VecDeque<f32>,
     /// Capture frames since the far end was last playing.
     quiet_frames: u32,
+    /// Noise suppression runs: the mic always goes through the library then.
+    noise_suppression: bool,
     stats: AecStats,
 }
 
@@ -92,6 +94,7 @@ impl EchoCanceller {
             cap_out: [0.0; FRAME],
             far_recent: VecDeque::with_capacity(FAR_WINDOW_MS / 10 + 1),
             quiet_frames: BYPASS_AFTER_FRAMES,
+            noise_suppression: cfg.noise_suppression,
             stats: AecStats::default(),
         }
     }
@@ -142,7 +145,7 @@ impl EchoCanceller {
         } else {
             self.quiet_frames = self.quiet_frames.saturating_add(1);
         }
-        if self.quiet_frames > BYPASS_AFTER_FRAMES {
+        if self.quiet_frames > BYPASS_AFTER_FRAMES && !self.noise_suppression {
             self.cap_out = self.cap_in;
             self.stats.bypassed_frames += 1;
         } else {
@@ -179,4 +182,83 @@ pub fn energy(x: &[f32]) -> f32 {
 /// `e` (mean square) in dB full scale; -120 for silence.
 pub fn db(e: f32) -> f32 {
     if e <= 1e-12 { -120.0 } else { 10.0 * e.log10() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: &mut u32) -> Vec<i16> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((*seed >> 16) as i16) / 16
+            })
+            .collect()
+    }
+
+    fn run(cfg: &AecConfig) -> (f32, f32) {
+        let mut aec = EchoCanceller::new(cfg);
+        let mut seed = 7;
+        let (mut mic, mut out) = (0.0, 0.0);
+        for i in 0..300 {
+            let mut frame = [0i16; FRAME];
+            frame.copy_from_slice(&noise(FRAME, &mut seed));
+            aec.render(&[0.0; FRAME]);
+            let l = aec.capture(&mut frame);
+            if i >= 100 {
+                mic += l.mic;
+                out += l.out;
+            }
+        }
+        (mic, out)
+    }
+
+    #[test]
+    fn with_nothing_played_the_mic_passes_untouched() {
+        let (mic, out) = run(&AecConfig::default());
+        assert!((mic - out).abs() <= mic * 1e-6, "{mic} {out}");
+    }
+
+    #[test]
+    fn noise_suppression_lowers_steady_noise() {
+        let cfg = AecConfig {
+            noise_suppression: true,
+            ..AecConfig::default()
+        };
+        let (mic, out) = run(&cfg);
+        // Moderate suppression: several dB off white noise once it has adapted.
+        assert!(db(out) < db(mic) - 6.0, "{} -> {} dB", db(mic), db(out));
+    }
+
+    #[test]
+    fn an_echo_of_what_played_is_cancelled() {
+        let mut aec = EchoCanceller::new(&AecConfig::default());
+        let mut seed = 11;
+        // Far end: noise bursts; mic: the same, 20 ms later at half the level.
+        let far: Vec<i16> = noise(FRAME * 400, &mut seed);
+        let (mut mic_e, mut out_e) = (0.0, 0.0);
+        for i in 0..400 {
+            let f: Vec<f32> = far[i * FRAME..(i + 1) * FRAME]
+                .iter()
+                .map(|s| f32::from(*s) / 32768.0)
+                .collect();
+            aec.render(&f);
+            let mut frame = [0i16; FRAME];
+            for (k, d) in frame.iter_mut().enumerate() {
+                let j = (i * FRAME + k).checked_sub(320);
+                *d = j.map_or(0, |j| far[j] / 2);
+            }
+            let l = aec.capture(&mut frame);
+            if i >= 200 {
+                mic_e += l.mic;
+                out_e += l.out;
+            }
+        }
+        assert!(
+            db(mic_e) - db(out_e) > 20.0,
+            "ERLE {} dB",
+            db(mic_e) - db(out_e)
+        );
+    }
 }

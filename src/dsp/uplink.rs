@@ -30,6 +30,12 @@ const NEAR_FLOOR: f32 = 3e-7;
 /// the pessimistic guess, so the first words of the device's voice cannot pass for the user.
 #[cfg(feature = "aec")]
 const INITIAL_ECHO_GAIN_DB: f32 = 0.0;
+/// The echo path's loss assumed before any is measured: the echo as loud as what played.
+#[cfg(feature = "aec")]
+const INITIAL_MIC_ECHO_DB: f32 = 0.0;
+/// How much louder than its usual echo the mic must be for near-end speech (power ratio, 1 dB).
+#[cfg(feature = "aec")]
+const MIC_MARGIN: f32 = 1.0;
 /// Far-end frames before the ERLE figure starts counting (the canceller converges meanwhile).
 #[cfg(feature = "aec")]
 const CONVERGED_FRAMES: u64 = 100;
@@ -128,6 +134,9 @@ pub struct Uplink {
     /// level relative to what played, tracked.
     #[cfg(feature = "aec")]
     echo_gain_db: f32,
+    /// Mic energy / far-end energy on echo-only frames, dB (the echo path's loss), tracked.
+    #[cfg(feature = "aec")]
+    mic_echo_db: f32,
     /// The gate's last decision (for logging its changes).
     #[cfg(feature = "aec")]
     gate_open: bool,
@@ -184,6 +193,8 @@ impl Uplink {
             echo_gain_db: INITIAL_ECHO_GAIN_DB,
             #[cfg(feature = "aec")]
             gate_open: true,
+            #[cfg(feature = "aec")]
+            mic_echo_db: INITIAL_MIC_ECHO_DB,
             gate: GateStats::default(),
         })
     }
@@ -344,7 +355,13 @@ impl Uplink {
         self.gate.far_frames += 1;
         // The echo to expect: the loudest recent far end through the echo path, after cancellation.
         let expected = l.far * 10f32.powf(self.echo_gain_db / 10.0);
-        let passes = l.out > expected * self.gate_margin && l.out > NEAR_FLOOR;
+        // And the mic itself must be louder than the echo it usually gets from that far end: when the
+        // canceller slips (a delay jump, a tone), its residual grows but the mic does not, while the
+        // user's voice adds to the mic.
+        let mic_echo = l.far * 10f32.powf(self.mic_echo_db / 10.0);
+        let passes = l.out > expected * self.gate_margin
+            && l.out > NEAR_FLOOR
+            && l.mic > mic_echo * MIC_MARGIN;
         if passes != self.gate_open {
             // Every opening and closing, with its evidence: what a barge-in decision rests on.
             self.gate_open = passes;
@@ -352,6 +369,7 @@ impl Uplink {
                 open = passes,
                 out_db = super::aec::db(l.out),
                 expected_echo_db = super::aec::db(expected),
+                mic_echo_db = super::aec::db(mic_echo),
                 margin_db = super::aec::db(self.gate_margin),
                 mic_db = super::aec::db(l.mic),
                 far_db = super::aec::db(l.far),
@@ -373,6 +391,11 @@ impl Uplink {
                 let g_db = super::aec::db(l.out / l.far);
                 self.echo_gain_db += if g_db > self.echo_gain_db { 1.2 } else { -0.3 };
                 self.echo_gain_db = self.echo_gain_db.clamp(MIN_ECHO_GAIN_DB, 10.0);
+            }
+            if l.far > 0.0 && l.mic > 0.0 {
+                let g_db = super::aec::db(l.mic / l.far);
+                self.mic_echo_db += if g_db > self.mic_echo_db { 0.4 } else { -0.1 };
+                self.mic_echo_db = self.mic_echo_db.clamp(MIN_ECHO_GAIN_DB, 20.0);
             }
         }
         passes
