@@ -435,12 +435,19 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
         config.aec.gate_margin_db,
     );
     println!(
-        "\n{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>12}",
-        "mix", "onset ms", "false b-ins", "missed", "latency ms", "ERLE dB", "gated/far"
+        "\n{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>10} {:>12}",
+        "mix",
+        "onset ms",
+        "false b-ins",
+        "missed",
+        "latency ms",
+        "from VAD",
+        "ERLE dB",
+        "gated/far"
     );
     for r in &results {
         println!(
-            "{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>12}",
+            "{:<16} {:>9} {:>13} {:>7} {:>12} {:>10} {:>10} {:>12}",
             r.name,
             r.onset_ms.map_or("-".into(), |v| v.to_string()),
             r.false_barge_ins,
@@ -452,6 +459,7 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
                 "no"
             },
             r.latency_ms.map_or("-".into(), |v| v.to_string()),
+            r.vad_latency_ms.map_or("-".into(), |v| v.to_string()),
             r.erle_db.map_or("-".into(), |v| format!("{v:.1}")),
             format!("{}/{}", r.gated_frames, r.far_frames),
         );
@@ -461,6 +469,7 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
     let with_user = results.len() - echo_only;
     let missed = results.iter().filter(|r| r.missed).count();
     let lat: Vec<u64> = results.iter().filter_map(|r| r.latency_ms).collect();
+    let vad_lat: Vec<u64> = results.iter().filter_map(|r| r.vad_latency_ms).collect();
     let erles: Vec<f64> = results.iter().filter_map(|r| r.erle_db).collect();
     let min_erle = erles.iter().copied().fold(f64::INFINITY, f64::min);
     let p95 = crate::demo::percentile(&lat, 95.0);
@@ -479,6 +488,11 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
         crate::demo::percentile(&lat, 50.0).map_or("-".into(), |v| format!("{v} ms")),
         p95.map_or("-".into(), |v| format!("{v} ms")),
         verdict(p95.is_some_and(|v| v <= 150)),
+    );
+    println!(
+        "  the same from the VAD's onset (what the gate, turn machine and flush add): p50 {}, p95 {}",
+        crate::demo::percentile(&vad_lat, 50.0).map_or("-".into(), |v| format!("{v} ms")),
+        crate::demo::percentile(&vad_lat, 95.0).map_or("-".into(), |v| format!("{v} ms")),
     );
     if erles.is_empty() {
         println!("  ERLE: - (no echo-only mix, or echo cancellation off)");

@@ -61,6 +61,9 @@ pub struct MixResult {
     pub missed: bool,
     /// User onset (ground truth) -> playback flushed: the barge-in decision plus one output period.
     pub latency_ms: Option<u64>,
+    /// The same from where the VAD placed the onset: what the gate, the turn machine and the flush
+    /// add to the VAD's own onset delay.
+    pub vad_latency_ms: Option<u64>,
     /// Mic energy / echo-cancelled energy over the far-end frames after the first second (those the
     /// gate took for echo), dB; echo-only mixes only (with a user in the mix it is left out).
     pub erle_db: Option<f64>,
@@ -131,6 +134,7 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
     let mut events: Vec<(bool, u64)> = Vec::new();
     let mut false_barge_ins = 0;
     let mut latency_ms = None;
+    let mut vad_latency_ms = None;
     let mut erle = (0.0f64, 0.0f64);
     for b in 0..blocks {
         let f0 = (b * far_block).min(far.samples.len());
@@ -172,6 +176,7 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
             match user {
                 Some(u) if latency_ms.is_none() => {
                     latency_ms = Some((at - T0_MS + period).saturating_sub(u));
+                    vad_latency_ms = Some((at + period).saturating_sub(onset));
                 }
                 Some(_) => {}
                 None => {
@@ -192,6 +197,7 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
         false_barge_ins,
         missed: mix.onset_ms.is_some() && latency_ms.is_none(),
         latency_ms,
+        vad_latency_ms,
         erle_db: (mix.onset_ms.is_none() && erle.1 > 0.0).then(|| 10.0 * (erle.0 / erle.1).log10()),
         gated_frames: g.gated_frames,
         far_frames: g.far_frames,
