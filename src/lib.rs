@@ -17,6 +17,7 @@ pub mod echo_eval;
 pub mod error;
 pub mod events;
 pub mod link;
+pub mod notify;
 pub mod protocol;
 pub mod service;
 pub mod telemetry;

@@ -326,6 +326,7 @@ pub async fn run(
         pending_barge_in: None,
         texts: HashMap::new(),
         tools: HashMap::new(),
+        notify: crate::notify::Notifier::from_env(),
     };
     let result = svc.main_loop(shutdown).await;
     svc.finish().await;
@@ -358,6 +359,8 @@ struct Service {
     texts: HashMap<String, String>,
     /// Running tool calls: (name, started at, notice played).
     tools: HashMap<String, (String, u64, bool)>,
+    /// systemd: READY, WATCHDOG, STOPPING (a no-op outside systemd).
+    notify: crate::notify::Notifier,
 }
 
 impl Service {
@@ -372,6 +375,12 @@ impl Service {
         // Disabled until the input ends: the ticks missed until then must not come in a burst (that
         // would run the clock ahead by the whole input's length).
         after_end.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The watchdog is pinged only while the DSP worker's tick advances: a hung audio thread gets
+        // the service restarted.
+        let wd_every = self.notify.watchdog_interval();
+        let mut watchdog = tokio::time::interval(wd_every.unwrap_or(Duration::from_secs(3600)));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wd_gate = crate::notify::WatchdogGate::default();
         loop {
             let has_link = self.link.is_some();
             tokio::select! {
@@ -387,6 +396,14 @@ impl Service {
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
+                _ = watchdog.tick(), if wd_every.is_some() => {
+                    let beat = self.handle.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+                    if wd_gate.should_ping(beat) {
+                        self.notify.watchdog();
+                    } else {
+                        tracing::error!("the DSP thread has not ticked since the last watchdog ping");
+                    }
+                }
                 _ = counters_timer.tick(), if counters_s > 0 => {
                     let c = self.handle.counters.snapshot();
                     tracing::info!(xruns = c.xruns, capture_dropped = c.capture_dropped,
@@ -410,6 +427,7 @@ impl Service {
     }
 
     async fn finish(&mut self) {
+        self.notify.stopping();
         if let Some(link) = self.link.take() {
             self.report.link = link.stats();
             link.stop().await;
@@ -480,11 +498,23 @@ impl Service {
                 if self.live && !self.opened_once {
                     self.earcon(Earcon::Listening);
                 }
+                if !self.opened_once {
+                    // Devices open and the agent link (if any) launched at start-up: ready.
+                    self.notify.ready(if self.link.is_some() {
+                        "listening; connecting to the agent"
+                    } else {
+                        "listening (no agent configured)"
+                    });
+                } else {
+                    self.notify.status("listening (audio devices reopened)");
+                }
                 self.opened_once = true;
                 None
             }
             WorkerEvent::DeviceError { message, retry_ms } => {
                 tracing::warn!(error = %message, retry_ms, "audio device unavailable; retrying");
+                self.notify
+                    .status(&format!("audio device unavailable: {message}"));
                 self.emit(EventKind::DeviceError { message, retry_ms });
                 if !self.live {
                     anyhow::bail!("audio input failed");
@@ -570,15 +600,21 @@ impl Service {
         match ev {
             LinkEvent::Connected { session } => {
                 self.report.agent_connects += 1;
+                self.notify.status("listening; connected to the agent");
                 self.emit(EventKind::AgentConnected { session });
                 self.feed(Input::Connected).await;
             }
             LinkEvent::Disconnected {
                 reason,
                 retry_ms,
-                auth: _,
+                auth,
             } => {
                 self.report.agent_disconnects += 1;
+                self.notify.status(if auth {
+                    "the agent refused the token; retrying"
+                } else {
+                    "agent link down; reconnecting"
+                });
                 self.texts.clear();
                 self.tools.clear();
                 self.emit(EventKind::AgentDisconnected { reason, retry_ms });
