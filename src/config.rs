@@ -86,7 +86,16 @@ pub struct FileConfig {
     pub aec: AecConfig,
     pub earcons: EarconConfig,
     pub agent: AgentConfig,
+    pub health: HealthConfig,
     pub log: LogConfig,
+}
+
+/// The local health endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `127.0.0.1:PORT` or `[::1]:PORT` serves `/healthz` and `/metrics` (Prometheus); empty: off.
+    pub listen: String,
 }
 
 /// Which input channel feeds the pipeline.
@@ -459,6 +468,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The health endpoint's address, when it is on (validated as loopback).
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.file.health.listen.parse().ok()
+    }
+
     /// Whether echo cancellation runs: built with the `aec` feature and `aec.enabled`.
     pub fn aec_active(&self) -> bool {
         cfg!(feature = "aec") && self.file.aec.enabled
@@ -627,6 +641,25 @@ impl Config {
 
         range("opus.bitrate_bps", c.opus.bitrate_bps, 6_000, 128_000)?;
         range("aec.delay_ms_hint", c.aec.delay_ms_hint, 0, 500)?;
+        if !c.health.listen.is_empty() {
+            match c.health.listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(a) => {
+                    return Err(err(
+                        "health.listen",
+                        format!(
+                            "must be a loopback address (127.0.0.1:PORT or [::1]:PORT), got {a}"
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(err(
+                        "health.listen",
+                        format!("not an address:port, got {:?}", c.health.listen),
+                    ));
+                }
+            }
+        }
         if !(0.0..=40.0).contains(&c.aec.gate_margin_db) {
             return Err(err(
                 "aec.gate_margin_db",
@@ -861,6 +894,8 @@ mod tests {
             complexity = 3
             fec = true
             dtx = true
+            [health]
+            listen = "127.0.0.1:9464"
             [aec]
             enabled = false
             delay_ms_hint = 120
@@ -956,6 +991,8 @@ mod tests {
             ("[opus]\nbitrate_bps = 1000", "opus.bitrate_bps"),
             ("[opus]\ncomplexity = 11", "opus.complexity"),
             ("[aec]\ndelay_ms_hint = 900", "aec.delay_ms_hint"),
+            ("[health]\nlisten = \"0.0.0.0:9464\"", "health.listen"),
+            ("[health]\nlisten = \"localhost\"", "health.listen"),
             ("[aec]\ngate_margin_db = -3.0", "aec.gate_margin_db"),
             ("[aec]\nenabled = \"yes\"", "aec.enabled"),
             ("[earcons]\ndir = \"/nonexistent/earcons\"", "earcons.dir"),

@@ -105,9 +105,14 @@ impl Event {
         Event {
             kind,
             audio_ms,
-            wall: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            wall: wall_now(),
         }
     }
+}
+
+/// The wall clock now, RFC 3339 in UTC with milliseconds.
+pub fn wall_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// Where events go.

@@ -16,6 +16,7 @@ pub mod dsp;
 pub mod echo_eval;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod link;
 pub mod notify;
 pub mod protocol;

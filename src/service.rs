@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -300,6 +301,23 @@ pub async fn run(
             shutdown.clone(),
         )
     });
+    let metrics = Arc::new(crate::health::Metrics::default());
+    metrics.update(|h| {
+        h.state = "starting".into();
+        h.agent_configured = agent;
+    });
+    if let Some(addr) = config.health_addr() {
+        let listener = crate::health::bind(addr)
+            .await
+            .with_context(|| format!("health.listen: cannot listen on {addr}"))?;
+        tracing::info!(%addr, "health endpoint: /healthz and /metrics");
+        tokio::spawn(crate::health::serve(
+            listener,
+            metrics.clone(),
+            handle.counters.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut svc = Service {
         tm: TurnMachine::new(TurnSettings::from_config(
             &config.turn,
@@ -327,6 +345,7 @@ pub async fn run(
         texts: HashMap::new(),
         tools: HashMap::new(),
         notify: crate::notify::Notifier::from_env(),
+        metrics,
     };
     let result = svc.main_loop(shutdown).await;
     svc.finish().await;
@@ -361,6 +380,8 @@ struct Service {
     tools: HashMap<String, (String, u64, bool)>,
     /// systemd: READY, WATCHDOG, STOPPING (a no-op outside systemd).
     notify: crate::notify::Notifier,
+    /// What the health endpoint serves.
+    metrics: Arc<crate::health::Metrics>,
 }
 
 impl Service {
@@ -567,6 +588,7 @@ impl Service {
                     let latency = output_ms.saturating_sub(onset);
                     tracing::info!(latency_ms = latency, "playback flushed after barge-in");
                     self.report.barge_in_flush_ms.push(latency);
+                    self.metrics.barge_in_flush.observe_us(latency * 1000);
                 }
                 None
             }
@@ -600,6 +622,7 @@ impl Service {
         match ev {
             LinkEvent::Connected { session } => {
                 self.report.agent_connects += 1;
+                self.metrics.update(|h| h.connected = true);
                 self.notify.status("listening; connected to the agent");
                 self.emit(EventKind::AgentConnected { session });
                 self.feed(Input::Connected).await;
@@ -610,6 +633,8 @@ impl Service {
                 auth,
             } => {
                 self.report.agent_disconnects += 1;
+                self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.metrics.update(|h| h.connected = false);
                 self.notify.status(if auth {
                     "the agent refused the token; retrying"
                 } else {
@@ -622,6 +647,9 @@ impl Service {
             }
             LinkEvent::Skipped { reason: _ } => self.report.skipped_frames += 1,
             LinkEvent::Dropped { frames } => {
+                self.metrics
+                    .dropped_frames
+                    .fetch_add(frames, Ordering::Relaxed);
                 tracing::warn!(
                     frames,
                     "mic audio dropped while the agent was unreachable (buffer full)"
@@ -634,6 +662,7 @@ impl Service {
                     let captured = epoch + Duration::from_millis(meta.end_ms);
                     let us = at.saturating_duration_since(captured).as_micros() as u64;
                     self.report.frame_to_socket_us.push(us);
+                    self.metrics.frame_to_socket.observe_us(us);
                 }
             }
             LinkEvent::TurnEndSent { at } => {
@@ -641,9 +670,15 @@ impl Service {
                     let spoken = epoch + Duration::from_millis(self.last_speech_end);
                     let ms = at.saturating_duration_since(spoken).as_millis() as u64;
                     self.report.speech_end_to_turn_sent_ms.push(ms);
+                    self.metrics.end_of_turn.observe_us(ms * 1000);
                 }
             }
-            LinkEvent::AgentAudio { bytes: _ } => self.feed(Input::AgentStarted).await,
+            LinkEvent::AgentAudio { bytes } => {
+                self.metrics
+                    .downlink_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                self.feed(Input::AgentStarted).await
+            }
             LinkEvent::Down(d) => self.on_downlink(d).await,
         }
     }
@@ -760,6 +795,11 @@ impl Service {
         match action {
             Action::StateChanged { from, to } => {
                 tracing::debug!(?from, ?to, "state");
+                let name = serde_json::to_value(to)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                self.metrics.update(|h| h.state = name);
                 self.emit(EventKind::StateChange { from, to });
             }
             Action::TurnStarted { at } => {
@@ -771,6 +811,9 @@ impl Service {
             }
             Action::SendFrame(f) => {
                 self.report.frames_sent += 1;
+                self.metrics
+                    .uplink_bytes
+                    .fetch_add(f.packet.len() as u64, Ordering::Relaxed);
                 self.turn_frames_sent += 1;
                 let meta = FrameMeta {
                     end_ms: f.at_ms + f.duration_ms as u64,
@@ -800,6 +843,14 @@ impl Service {
                     "turn end"
                 );
                 self.last_speech_end = at;
+                self.metrics.turns.fetch_add(1, Ordering::Relaxed);
+                self.metrics.update(|h| {
+                    h.last_turn = Some(crate::health::LastTurn {
+                        ended: crate::events::wall_now(),
+                        duration_ms,
+                        frames,
+                    })
+                });
                 self.report.turns.push(TurnReport {
                     start_ms: self.turn_start,
                     end_ms: at,
