@@ -128,23 +128,29 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
     let settings = TurnSettings::from_config(&config.turn, up.aec_active(), true);
     let mut tm = agent_speaking(&settings, T0_MS)?;
     let period = Ms::from(config.audio.period_ms);
-    let (far_block, mic_block) = (far.rate_hz as usize / 100, mic.rate_hz as usize / 100);
-    let blocks = mic.samples.len() / mic_block.max(1);
+    // Block b covers [b*rate/100, (b+1)*rate/100): exact for any rate, no drift between the two.
+    let bounds = |rate: u32, b: usize| b * rate as usize / 100;
+    let blocks = mic.samples.len() * 100 / mic.rate_hz.max(1) as usize;
     let mut far16 = Vec::with_capacity(400);
     let mut events: Vec<(bool, u64)> = Vec::new();
     let mut false_barge_ins = 0;
     let mut latency_ms = None;
     let mut vad_latency_ms = None;
+    let mut in_speech = false;
     let mut erle = (0.0f64, 0.0f64);
     for b in 0..blocks {
-        let f0 = (b * far_block).min(far.samples.len());
-        let f1 = ((b + 1) * far_block).min(far.samples.len());
+        let (f0, f1) = (bounds(far.rate_hz, b), bounds(far.rate_hz, b + 1));
         far16.clear();
-        far_rs.process(&far.samples[f0..f1], |o| far16.extend_from_slice(o));
+        if f1 <= far.samples.len() {
+            far_rs.process(&far.samples[f0..f1], |o| far16.extend_from_slice(o));
+        } else {
+            // The far-end file ran out: the speaker went quiet.
+            far16.resize(160, 0.0);
+        }
         up.render(&far16);
         let before = up.gate_stats();
         up.process(
-            &mic.samples[b * mic_block..(b + 1) * mic_block],
+            &mic.samples[bounds(mic.rate_hz, b)..bounds(mic.rate_hz, b + 1)],
             &mut |e| match e {
                 UplinkEvent::SpeechStart { at } => events.push((true, at)),
                 UplinkEvent::SpeechEnd { at } => events.push((false, at)),
@@ -157,6 +163,7 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
         let now = T0_MS + (b as u64 + 1) * 10;
         let mut actions = Vec::new();
         for (start, at) in events.drain(..) {
+            in_speech = start;
             let at = T0_MS + vad::samples_to_ms(at);
             let input = if start {
                 Input::SpeechStart { at }
@@ -181,8 +188,12 @@ pub fn evaluate(config: &Config, dir: &Path, mix: &Mix) -> anyhow::Result<MixRes
                 Some(_) => {}
                 None => {
                     false_barge_ins += 1;
-                    // The agent goes on speaking in the recording: so does the machine.
+                    // The agent goes on speaking in the recording: so does the machine. Speech the
+                    // VAD is still in counts again from here (a user starting during it is caught).
                     tm = agent_speaking(&settings, now)?;
+                    if in_speech {
+                        let _ = tm.handle(now, Input::SpeechStart { at: now });
+                    }
                 }
             }
         }

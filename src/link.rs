@@ -252,7 +252,8 @@ impl Link {
             return;
         }
         self.unanswered.push_back(cmd);
-        let limit = (self.config.agent.buffer_ms / 20).max(1) as usize;
+        let frame_ms = self.config.opus.frame_ms.max(10);
+        let limit = (self.config.agent.buffer_ms / frame_ms).max(1) as usize;
         let mut audio = self
             .unanswered
             .iter()
@@ -382,7 +383,12 @@ impl Link {
         let a = &self.config.agent;
         let mut codec = HaipClient::new(HaipSettings {
             ping_interval_ms: a.ping_interval_s as u64 * 1000,
-            buffer_limit_bytes: (a.buffer_ms as usize / 20) * 200,
+            // buffer_ms of Opus at the configured bitrate, with room for the frames' envelopes.
+            buffer_limit_bytes: (a.buffer_ms as usize * self.config.opus.bitrate_bps as usize
+                / 8_000)
+                * 3
+                / 2
+                + 64 * 1024,
             ..HaipSettings::default()
         });
         self.totals.connections += 1;
@@ -414,12 +420,14 @@ impl Link {
         }
         // Words the last connection could not deliver go first (the codec holds them until the
         // agent's handshake arrives).
-        let pending: Vec<LinkCmd> = self.unanswered.drain(..).collect();
-        for cmd in pending {
+        let mut pending: VecDeque<LinkCmd> = self.unanswered.drain(..).collect();
+        while let Some(cmd) = pending.pop_front() {
             match codec.encode(self.now_ms(), cmd.up.clone()) {
                 Ok(w) => {
                     if let Err(e) = self.send_all(&mut conn, w, None, false).await {
+                        // Keep this item and every one after it for the next connection.
                         self.unanswered.push_back(cmd);
+                        self.unanswered.extend(pending);
                         return e;
                     }
                 }

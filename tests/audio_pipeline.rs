@@ -336,3 +336,57 @@ fn opus_round_trip_keeps_the_speech() {
     let db = 10.0 * energy_ratio.log10();
     assert!(db.abs() < 3.0, "level changed by {db:.1} dB");
 }
+
+/// Everything the uplink emits for `samples` (16 kHz mono) fed in blocks of `block` samples.
+fn uplink_output(samples: &[f32], block: usize, aec: bool) -> Vec<String> {
+    let config = Config::default();
+    let mut up = Uplink::new(
+        &UplinkSettings {
+            input: StreamFormat {
+                rate_hz: 16_000,
+                channels: 1,
+            },
+            channel: config.audio.input_channel,
+            vad: config.vad.clone(),
+            opus: config.opus.clone(),
+            preroll_ms: config.turn.preroll_ms,
+            max_stream_ms: 60_000,
+            aec: aec.then(|| config.aec.clone()),
+        },
+        vad::engine(&config.vad),
+    )
+    .expect("uplink");
+    let mut out = Vec::new();
+    let mut on_event = |e: UplinkEvent<'_>| {
+        out.push(match e {
+            UplinkEvent::SpeechStart { at } => format!("start {at}"),
+            UplinkEvent::SpeechEnd { at } => format!("end {at}"),
+            UplinkEvent::Frame { at, packet, .. } => format!("frame {at} {packet:?}"),
+            UplinkEvent::StreamCapped { at } => format!("capped {at}"),
+        })
+    };
+    for b in samples.chunks(block) {
+        up.process(b, &mut on_event);
+    }
+    up.finish(&mut on_event);
+    out
+}
+
+#[test]
+fn block_size_does_not_change_what_the_uplink_produces() {
+    // At 16 kHz the resampler passes blocks straight through, so odd device periods reach the 10 ms
+    // staging buffer as they are: events and every Opus packet must be the same for any block size.
+    let (samples, format) = read_wav(&fixtures().join("two_words_pause.wav"));
+    assert_eq!(format.rate_hz, 16_000);
+    for aec in [false, true] {
+        let want = uplink_output(&samples, 160, aec);
+        assert!(want.iter().filter(|l| l.starts_with("frame")).count() > 100);
+        for block in [100, 256, 333, 1024, 5000] {
+            assert_eq!(
+                uplink_output(&samples, block, aec),
+                want,
+                "block {block}, aec {aec}"
+            );
+        }
+    }
+}

@@ -213,7 +213,8 @@ async fn barge_in_flushes_cancels_and_drops_the_rest_of_the_run() {
         .filter(|e| matches!(e.kind, EventKind::PlaybackFlushed { .. }))
         .collect();
     assert_eq!(flushed.len(), 1);
-    // Onset to flush: barge_in_min_ms (400 without echo cancellation) plus the decision's latency.
+    // Onset to flush: turn.barge_in_min_ms (100 with echo cancellation, 400 without) plus the
+    // decision's latency.
     assert_eq!(report.barge_in_flush_ms.len(), 1);
     assert!(
         report.barge_in_flush_ms[0] < 600,
@@ -370,7 +371,9 @@ async fn agent_killed_mid_reply_and_restarted_renders_nothing_twice() {
     assert_eq!(report.turns.len(), 2);
     assert_eq!(second.turn_records[0].audio_chunks, report.turns[1].frames);
     assert!(report.agent_disconnects >= 1);
-    assert_eq!(report.link.connections, 2);
+    // At least the first agent and the restarted one (the device may reconnect to the first agent
+    // once more before it is shut down).
+    assert!(report.link.connections >= 2, "{:?}", report.link);
     assert_eq!(
         report.agent_texts,
         vec![

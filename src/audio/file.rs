@@ -53,8 +53,9 @@ pub struct WavCapture {
     pacing: Pacing,
     /// Extra silence appended after the file, so a turn that ends with the file can close.
     tail_ms: u32,
-    /// A simulated room's echo of the speaker, added to the file's samples.
+    /// A simulated room's echo of the speaker, added to the file's samples, and its delay in samples.
     air: Option<rtrb::Consumer<f32>>,
+    air_delay: usize,
 }
 
 /// A simulated room for file runs (the demo): what the speaker plays reaches the mic again, late and
@@ -127,6 +128,7 @@ impl WavCapture {
             pacing,
             tail_ms,
             air: None,
+            air_delay: 0,
         })
     }
 }
@@ -209,6 +211,7 @@ impl Capture for WavCapture {
         }
         let mut reader = self.reader;
         let mut air = self.air;
+        let room_delay = self.air_delay;
         let channels = format.channels.max(1) as usize;
         let path = self.path.display().to_string();
         let guard = spawn_clock("hearken-wav-in", move |stop| {
@@ -257,6 +260,14 @@ impl Capture for WavCapture {
                         && !stop.load(Ordering::Acquire)
                     {
                         std::thread::sleep(Duration::from_micros(200));
+                    }
+                    // After a long stall the speaker side may have pushed more than the room holds:
+                    // drop the surplus so the delay goes back to what the room says.
+                    let surplus = air.slots().saturating_sub(room_delay + 2 * frames);
+                    if surplus > 0
+                        && let Ok(chunk) = air.read_chunk(surplus)
+                    {
+                        chunk.commit_all();
                     }
                     for f in buf[..len].chunks_mut(channels) {
                         let e = air.pop().unwrap_or(0.0);
@@ -560,6 +571,7 @@ impl DeviceFactory for FileDevices {
             }
             self.air_producer = Some((p, rate));
             cap.air = Some(c);
+            cap.air_delay = delay;
         }
         Ok(Box::new(cap))
     }

@@ -234,11 +234,15 @@ impl PlaybackReader {
     // RT-SAFE: one lock-free slice copy and a relaxed atomic add.
     fn tap(&mut self, out: &[f32]) {
         if let Some(p) = &mut self.far {
-            let (_, rest) = p.push_partial_slice(out);
-            if !rest.is_empty() {
+            // Whole frames only, so the worker's side never loses its channel alignment.
+            let room = p.slots().min(out.len());
+            let n = room - room % self.channels;
+            let (_, rest) = p.push_partial_slice(&out[..n]);
+            let dropped = out.len() - n + rest.len();
+            if dropped > 0 {
                 self.counters
                     .far_dropped
-                    .fetch_add(rest.len() as u64, Ordering::Relaxed);
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
             }
         }
     }

@@ -62,6 +62,9 @@ pub struct EchoCanceller {
     far_recent: VecDeque<f32>,
     /// Capture frames since the far end was last playing.
     quiet_frames: u32,
+    /// Render frames fed minus capture frames processed: when the far end stops coming (the tap
+    /// stalled, a far-end file ran out), capture frames count as silence played.
+    render_credit: i64,
     /// Noise suppression runs: the mic always goes through the library then.
     noise_suppression: bool,
     stats: AecStats,
@@ -94,6 +97,7 @@ impl EchoCanceller {
             cap_out: [0.0; FRAME],
             far_recent: VecDeque::with_capacity(FAR_WINDOW_MS / 10 + 1),
             quiet_frames: BYPASS_AFTER_FRAMES,
+            render_credit: 0,
             noise_suppression: cfg.noise_suppression,
             stats: AecStats::default(),
         }
@@ -111,10 +115,8 @@ impl EchoCanceller {
             if self.render_fill == FRAME {
                 self.render_fill = 0;
                 let e = energy(&self.render_frame);
-                if self.far_recent.len() == FAR_WINDOW_MS / 10 {
-                    self.far_recent.pop_front();
-                }
-                self.far_recent.push_back(e);
+                self.push_far(e);
+                self.render_credit += 1;
                 // The render output is unused (no render-side processing is configured).
                 let _ = self
                     .apm
@@ -124,8 +126,22 @@ impl EchoCanceller {
         }
     }
 
+    fn push_far(&mut self, e: f32) {
+        if self.far_recent.len() == FAR_WINDOW_MS / 10 {
+            self.far_recent.pop_front();
+        }
+        self.far_recent.push_back(e);
+    }
+
     /// Cancel the echo in one 10 ms capture frame, in place.
     pub fn capture(&mut self, frame: &mut [i16; FRAME]) -> FrameLevels {
+        // One render frame is due per capture frame; a missing one was silence (the level must not
+        // freeze at the last loud frame).
+        if self.render_credit <= 0 {
+            self.push_far(0.0);
+        } else {
+            self.render_credit -= 1;
+        }
         for (d, s) in self.cap_in.iter_mut().zip(frame.iter()) {
             *d = f32::from(*s) / 32768.0;
         }

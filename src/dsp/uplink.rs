@@ -313,16 +313,16 @@ impl Uplink {
                 self.vad_frame = [0; 160];
             }
         }
-        // The staged frame is the pipeline's input from here on.
-        self.pcm[..160].copy_from_slice(&self.stage);
+        // The staged (cancelled) frame is the pipeline's input from here on. Not written back into
+        // `pcm`: `process_pcm` is still reading the rest of its input from there.
         {
-            let (off, len) = (0usize, 160usize);
+            let len = 160usize;
             let start = self.pos;
             let end = start + len as u64;
             if self.streaming {
-                self.encode_range(off, len, start, emit);
+                self.encode_stage(start, emit);
             }
-            self.preroll.push(&self.pcm[off..off + len]);
+            self.preroll.push(&self.stage);
             let mut started = None;
             let mut ended = None;
             self.vad.push(&self.vad_frame, |e| match e {
@@ -432,18 +432,14 @@ impl Uplink {
         }
     }
 
-    fn encode_range(
-        &mut self,
-        off: usize,
-        len: usize,
-        start: u64,
-        emit: &mut dyn FnMut(UplinkEvent<'_>),
-    ) {
+    /// Feed the staged 10 ms frame (`start`: its first sample) to the encoder.
+    fn encode_stage(&mut self, start: u64, emit: &mut dyn FnMut(UplinkEvent<'_>)) {
+        let len = self.stage.len();
         let mut done = 0;
         while done < len {
             let take = (self.frame.len() - self.frame_fill).min(len - done);
             self.frame[self.frame_fill..self.frame_fill + take]
-                .copy_from_slice(&self.pcm[off + done..off + done + take]);
+                .copy_from_slice(&self.stage[done..done + take]);
             self.frame_fill += take;
             done += take;
             if self.frame_fill == self.frame.len() {
