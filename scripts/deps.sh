@@ -13,8 +13,10 @@ export DEBIAN_FRONTEND=noninteractive
 say() { printf 'deps: %s\n' "$*"; }
 
 installed() {
-    # `dpkg -s` also succeeds for a removed package whose config files remain; require "installed".
-    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed$'
+    # Require "install ok installed" (a removed package whose config files remain is not). dpkg-query -W
+    # rather than dpkg -s: with a foreign architecture added (cross builds), `dpkg -s` calls a package
+    # installed for two architectures ambiguous and fails.
+    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
 }
 
 as_root() {
@@ -49,7 +51,9 @@ if [ "${#missing[@]}" -eq 0 ]; then
     say "system packages present: ${wanted[*]}"
 else
     say "installing: ${missing[*]}"
-    as_root apt-get update -qq
+    # A mirror in mid-sync can fail one index; the install below still fails loudly if a package it
+    # needs is really unavailable.
+    as_root apt-get update -qq || say "apt-get update reported errors; trying the install anyway" >&2
     as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
     say "installed: ${missing[*]}"
 fi

@@ -49,33 +49,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 /// The version this agent implements and advertises.
-pub const HAIP_VERSION: &str = "1.1.2";
-
-/// The 22 event types of HAIP 1.1.2 (D1). The agent accepts all of them.
-pub const EVENT_TYPES: [&str; 22] = [
-    "HAI",
-    "RUN_STARTED",
-    "RUN_FINISHED",
-    "RUN_CANCEL",
-    "RUN_ERROR",
-    "PING",
-    "PONG",
-    "REPLAY_REQUEST",
-    "TEXT_MESSAGE_START",
-    "TEXT_MESSAGE_PART",
-    "TEXT_MESSAGE_END",
-    "AUDIO_CHUNK",
-    "TOOL_CALL",
-    "TOOL_UPDATE",
-    "TOOL_DONE",
-    "TOOL_CANCEL",
-    "TOOL_LIST",
-    "TOOL_SCHEMA",
-    "ERROR",
-    "FLOW_UPDATE",
-    "PAUSE_CHANNEL",
-    "RESUME_CHANNEL",
-];
+/// The spec version and its 22 event types (D1): the same spec data the client codec uses. The agent
+/// accepts all of them.
+pub use crate::protocol::haip::{ACCEPT_EVENTS as EVENT_TYPES, HAIP_VERSION};
 
 /// Mime of the reply tone.
 pub const TONE_MIME: &str = "audio/pcm;rate=16000";

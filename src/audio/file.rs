@@ -72,33 +72,18 @@ pub struct RoomEcho {
 /// The speaker's end of the simulated room: mono, resampled to the mic's rate, attenuated.
 struct AirOut {
     producer: rtrb::Producer<f32>,
-    resampler: crate::dsp::resample::StreamResampler,
-    mono: Vec<f32>,
-    out: Vec<f32>,
+    to_mic: crate::dsp::resample::MonoResampler,
     gain: f32,
 }
 
 impl AirOut {
     fn push(&mut self, played: &[f32], channels: usize) {
-        let frames = crate::dsp::downmix(
-            played,
-            channels,
-            crate::config::ChannelSelect::Mix,
-            &mut self.mono,
-        );
-        self.out.clear();
-        let AirOut {
-            resampler,
-            mono,
-            out,
-            ..
-        } = self;
-        resampler.process(&mono[..frames], |o| out.extend_from_slice(o));
-        for x in self.out.iter_mut() {
+        let out = self.to_mic.process(played, channels);
+        for x in out.iter_mut() {
             *x *= self.gain;
         }
         // A full room ring (the mic side stalled) just loses echo, which is harmless here.
-        let _ = self.producer.push_partial_slice(&self.out);
+        let _ = self.producer.push_partial_slice(out);
     }
 }
 
@@ -584,18 +569,16 @@ impl DeviceFactory for FileDevices {
             OutputKind::Null => NullPlayback::create(f, self.pacing.clone()),
         };
         if let (Some(room), Some((producer, mic_rate))) = (self.room, self.air_producer.take()) {
-            let resampler = crate::dsp::resample::StreamResampler::new(f.rate_hz, mic_rate)
+            let period = (f.rate_hz * PERIOD_MS / 1000) as usize;
+            let to_mic = crate::dsp::resample::MonoResampler::new(f.rate_hz, mic_rate, period)
                 .map_err(|e| DeviceError::Backend {
                     kind: "file",
                     name: "room".into(),
                     message: e.to_string(),
                 })?;
-            let period = (f.rate_hz * PERIOD_MS / 1000) as usize;
             out.air = Some(AirOut {
                 producer,
-                resampler,
-                mono: vec![0.0; period],
-                out: Vec::with_capacity(period * 2),
+                to_mic,
                 gain: 10f32.powf(room.gain_db / 20.0),
             });
         }

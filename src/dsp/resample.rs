@@ -93,6 +93,45 @@ impl StreamResampler {
     }
 }
 
+/// Interleaved audio of any channel count -> mono (channels averaged) -> another rate. For the copies
+/// of the speaker's output (the echo canceller's far end, the simulated room). Buffers sized in `new`
+/// for blocks of up to `max_frames` frames.
+pub struct MonoResampler {
+    resampler: StreamResampler,
+    mono: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl MonoResampler {
+    pub fn new(in_hz: u32, out_hz: u32, max_frames: usize) -> Result<Self, DspError> {
+        Ok(MonoResampler {
+            resampler: StreamResampler::new(in_hz, out_hz)?,
+            mono: vec![0.0; max_frames],
+            out: Vec::with_capacity(
+                max_frames * (out_hz as usize).div_ceil(in_hz.max(1) as usize) + 4096,
+            ),
+        })
+    }
+
+    /// `input` (interleaved, `channels` channels, at most `max_frames` frames) at the output rate.
+    pub fn process(&mut self, input: &[f32], channels: usize) -> &mut [f32] {
+        let frames = super::downmix(
+            input,
+            channels,
+            crate::config::ChannelSelect::Mix,
+            &mut self.mono,
+        );
+        self.out.clear();
+        let MonoResampler {
+            resampler,
+            mono,
+            out,
+        } = self;
+        resampler.process(&mono[..frames], |o| out.extend_from_slice(o));
+        &mut self.out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use crate::audio::{DeviceFactory, DeviceStatus, RtCounters, RunningStream, Strea
 use crate::config::Config;
 
 use super::downlink::{Downlink, DownlinkAudio};
-use super::resample::StreamResampler;
+use super::resample::MonoResampler;
 use super::uplink::{Uplink, UplinkEvent, UplinkSettings};
 use super::vad::{self, samples_to_ms};
 
@@ -266,19 +266,14 @@ struct Session {
 struct FarEnd {
     tap: FarEndTap,
     raw: Vec<f32>,
-    mono: Vec<f32>,
-    resampler: StreamResampler,
-    out16: Vec<f32>,
+    to16: MonoResampler,
 }
 
 impl FarEnd {
     fn new(tap: FarEndTap, rate_hz: u32) -> Result<Self, super::DspError> {
-        let block = 4096 * tap.channels;
         Ok(FarEnd {
-            raw: vec![0.0; block],
-            mono: vec![0.0; 4096],
-            resampler: StreamResampler::new(rate_hz, super::codec::UPLINK_RATE_HZ)?,
-            out16: Vec::with_capacity(8192),
+            raw: vec![0.0; 4096 * tap.channels.max(1)],
+            to16: MonoResampler::new(rate_hz, super::codec::UPLINK_RATE_HZ, 4096)?,
             tap,
         })
     }
@@ -294,21 +289,7 @@ impl FarEnd {
             }
             let (got, _) = self.tap.consumer.pop_partial_slice(&mut self.raw[..n]);
             let got = got.len();
-            let frames = super::downmix(
-                &self.raw[..got],
-                ch,
-                crate::config::ChannelSelect::Mix,
-                &mut self.mono,
-            );
-            self.out16.clear();
-            let FarEnd {
-                resampler,
-                mono,
-                out16,
-                ..
-            } = self;
-            resampler.process(&mono[..frames], |o| out16.extend_from_slice(o));
-            uplink.render(&self.out16);
+            uplink.render(self.to16.process(&self.raw[..got], ch));
         }
     }
 }
