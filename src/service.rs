@@ -506,6 +506,7 @@ impl Service {
                 output_format,
                 vad,
                 started_at,
+                clock_ms,
             } => {
                 tracing::info!(%input, %output, %input_format, %output_format, vad, "audio devices open");
                 self.emit(EventKind::DeviceOpened {
@@ -513,9 +514,8 @@ impl Service {
                     output,
                     vad: vad.into(),
                 });
-                if self.epoch.is_none() {
-                    self.epoch = Some(started_at);
-                }
+                // Audio clock 0 in wall time, again after every reopen: the outage is not latency.
+                self.epoch = started_at.checked_sub(Duration::from_millis(clock_ms));
                 if self.live && !self.opened_once {
                     self.earcon(Earcon::Listening);
                 }

@@ -91,8 +91,10 @@ pub enum WorkerEvent {
         input_format: StreamFormat,
         output_format: StreamFormat,
         vad: &'static str,
-        /// When capture started: audio clock 0 of this device (for latency figures).
+        /// When capture started, and the audio clock (ms) it started at: positions go on across
+        /// reopenings, so `started_at - clock_ms` is audio clock 0 (for latency figures).
         started_at: Instant,
+        clock_ms: u64,
     },
     DeviceError {
         message: String,
@@ -308,7 +310,7 @@ impl Worker {
             if self.shutdown_requested() {
                 return;
             }
-            match self.open() {
+            match self.open(clock_ms) {
                 Ok(mut session) => match self.serve(&mut session, clock_ms) {
                     Exit::Shutdown => return,
                     Exit::DeviceFailed(message) => {
@@ -355,7 +357,7 @@ impl Worker {
         }
     }
 
-    fn open(&mut self) -> Result<Session, (String, bool)> {
+    fn open(&mut self, clock_ms: u64) -> Result<Session, (String, bool)> {
         let cfg = self.settings.config.clone();
         let err = |e: crate::audio::DeviceError| (e.to_string(), e.is_transient());
         let capture = self.devices.open_capture().map_err(err)?;
@@ -413,6 +415,7 @@ impl Worker {
             output_format: out_fmt,
             vad: vad_name,
             started_at,
+            clock_ms,
         });
         // Two seconds of output queued at most in the worker, on top of the ring.
         let pending_cap = out_fmt.rate_hz as usize * 2 * out_ch;
@@ -477,7 +480,9 @@ impl Worker {
                 let at_ms = clock_ms + samples_to_ms(s.uplink.position());
                 self.send(WorkerEvent::Flushed {
                     request: acked,
-                    output_ms: at_frame * 1000 / out_rate.max(1),
+                    // On the audio clock, like the onset it is compared with (the output stream
+                    // restarts at 0 with each pair of devices, as the input does).
+                    output_ms: clock_ms + at_frame * 1000 / out_rate.max(1),
                     at_ms,
                 });
             }
