@@ -24,6 +24,8 @@ pub const FAR_ACTIVE: f32 = 1e-6;
 /// through untouched (the canceller still runs, to keep its state), so the user's words are not
 /// filtered or suppressed for nothing. Not with noise suppression on, which is wanted all the time.
 const BYPASS_AFTER_FRAMES: u32 = 50;
+/// Render frames that may be ahead of the capture frames (half a second).
+const MAX_RENDER_CREDIT: i64 = 50;
 
 /// Energies of one capture frame (mean square, full scale = 1.0).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -116,7 +118,9 @@ impl EchoCanceller {
                 self.render_fill = 0;
                 let e = energy(&self.render_frame);
                 self.push_far(e);
-                self.render_credit += 1;
+                // Bounded: a long run of far end without mic (the input stalled) must not keep the
+                // level from decaying once the mic is back and the far end has stopped.
+                self.render_credit = (self.render_credit + 1).min(MAX_RENDER_CREDIT);
                 // The render output is unused (no render-side processing is configured).
                 let _ = self
                     .apm
