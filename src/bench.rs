@@ -242,13 +242,7 @@ fn find_fixture(arg: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = arg {
         return Ok(p.clone());
     }
-    let candidates = [
-        PathBuf::from(DEFAULT_FIXTURE),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_FIXTURE),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
+    crate::audio::data_file(DEFAULT_FIXTURE.trim_start_matches("audio/"))
         .context("bench needs a 48 kHz stereo WAV: run it from the source tree or pass --input")
 }
 
@@ -407,14 +401,9 @@ fn file_run_rss(fixture: &Path) -> anyhow::Result<(u64, f64)> {
 
 /// The committed echo evaluation set, from the source tree or an installed package.
 pub fn echo_set_dir() -> anyhow::Result<PathBuf> {
-    [
-        PathBuf::from("audio/echo"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/echo"),
-        PathBuf::from("/usr/share/hearken/echo"),
-    ]
-    .into_iter()
-    .find(|p| p.join("manifest.json").exists())
-    .context("no echo evaluation set found: pass --set DIR (see audio/echo/make.sh)")
+    crate::audio::data_file("echo/manifest.json")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .context("no echo evaluation set found: pass --set DIR (see audio/echo/make.sh)")
 }
 
 /// `hearken bench barge-in`: the evaluation set through the real DSP and turn machine.

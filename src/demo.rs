@@ -44,14 +44,9 @@ pub const DEMO_ROOM: RoomEcho = RoomEcho {
 
 /// Where the fixtures are (source tree or installed package).
 pub fn fixtures_dir() -> anyhow::Result<PathBuf> {
-    [
-        PathBuf::from("audio/fixtures"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/fixtures"),
-        PathBuf::from("/usr/share/hearken/fixtures"),
-    ]
-    .into_iter()
-    .find(|p| p.join("question.wav").exists())
-    .context("the demo needs audio/fixtures: run it from the source tree")
+    crate::audio::data_file("fixtures/question.wav")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .context("the demo needs audio/fixtures: run it from the source tree")
 }
 
 /// Concatenate the demo's script into one 16 kHz mono WAV at `out`; returns its length in ms.

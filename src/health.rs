@@ -6,7 +6,6 @@
 //! server is one more tokio task. A request is at most 8 KiB and must arrive within 2 s.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -238,11 +237,6 @@ pub async fn serve(
             }
         }
     }
-}
-
-/// Bind the endpoint (the config has checked that the address is loopback).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

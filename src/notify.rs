@@ -35,18 +35,6 @@ impl Notifier {
         Notifier { socket, watchdog }
     }
 
-    /// A notifier that sends nothing (tests, the demo).
-    pub fn none() -> Self {
-        Notifier {
-            socket: None,
-            watchdog: None,
-        }
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.socket.is_some()
-    }
-
     /// How often to ping the watchdog: half of `WatchdogSec=`, as systemd recommends.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.map(|w| w / 2)

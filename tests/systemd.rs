@@ -48,8 +48,9 @@ fn ready_watchdog_and_stopping_on_sigterm_mid_turn() {
         }
         // Mid-turn: the question's speech runs from about 0.5 s to 3.3 s.
         if term_sent.is_none() && started.elapsed() > Duration::from_millis(1_800) {
-            let ok = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+            // The shell's builtin kill: /bin/kill (procps) is missing from minimal images.
+            let ok = Command::new("sh")
+                .args(["-c", &format!("kill -TERM {}", child.id())])
                 .status()
                 .expect("kill");
             assert!(ok.success());

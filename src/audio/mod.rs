@@ -19,6 +19,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use rt::{CaptureWriter, PlaybackReader, PlaybackShared, PlaybackWriter, RtCounters};
 
+/// A file shipped under `audio/` (`rel`, e.g. `fixtures/question.wav`): from the current directory's
+/// source tree, the tree this binary was built from, or the installed package (`/usr/share/hearken`).
+pub fn data_file(rel: &str) -> Option<std::path::PathBuf> {
+    [
+        std::path::Path::new("audio").join(rel),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("audio")
+            .join(rel),
+        std::path::Path::new("/usr/share/hearken").join(rel),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+}
+
 /// Sample rate and channel count of a stream as the device runs it (samples are always f32 inside).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamFormat {
