@@ -6,9 +6,10 @@
 //!
 //! Each test takes a few seconds of wall time (the audio is real time); they run in parallel.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use hearken::agent::haip::{self as agent, AgentHandle, AgentLog, AgentSettings, Inject, ToolCall};
@@ -19,7 +20,6 @@ use hearken::events::{EventKind, EventSink};
 use hearken::service::{self, Io, RunOptions, RunReport};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::rustls;
 
 const TOKEN: &str = "session-test-token";
 /// The memory speaker's rate (`audio.output_rate_hz = 0` on a file device).
@@ -508,45 +508,11 @@ async fn in_a_room_without_echo_cancellation_the_device_interrupts_itself() {
     assert!(report.echo.is_none());
 }
 
-/// A CA and a server configuration for `localhost` signed by it.
-fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "hearken session test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-    let key = KeyPair::generate().expect("server key");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let cert = leaf
-        .signed_by(&key, &ca_cert, &ca_key)
-        .expect("server certificate");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server TLS config");
-    (ca_cert.pem(), Arc::new(server))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_with_a_test_ca() {
     let tmp = Scratch::new("tls");
-    let (ca_pem, server) = test_pki();
+    let pki = common::test_pki(&["localhost"]);
+    let (ca_pem, server) = (pki.ca_pem, pki.server);
     let ca_file = tmp.0.join("ca.pem");
     std::fs::write(&ca_file, ca_pem).expect("CA file");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

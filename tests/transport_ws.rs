@@ -4,6 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::test_pki;
 use futures_util::{SinkExt, StreamExt};
 use hearken::config::{Secret, TlsRoots, TokenMode};
 use hearken::protocol::Wire;
@@ -432,53 +435,6 @@ async fn connection_refused_is_connect_error() {
         .unwrap_err();
     assert!(matches!(e, TransportError::Connect(_)), "{e}");
     assert!(e.is_transient());
-}
-
-/// A CA and a server certificate for `names` (DNS names or IP addresses) signed by it.
-struct TestPki {
-    ca_pem: String,
-    server: Arc<rustls::ServerConfig>,
-}
-
-fn test_pki(names: &[&str]) -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "hearken test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-
-    let key = KeyPair::generate().expect("server key");
-    // rcgen makes an IP address SAN of a name that parses as one.
-    let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let mut leaf = CertificateParams::new(sans).expect("server params");
-    leaf.distinguished_name.push(DnType::CommonName, names[0]);
-    let cert = leaf
-        .signed_by(&key, &ca_cert, &ca_key)
-        .expect("server certificate");
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server TLS config");
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        server: Arc::new(server),
-    }
 }
 
 /// A wss:// echo server (greets with "secure") on 127.0.0.1 for any number of connections.
