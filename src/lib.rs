@@ -21,6 +21,7 @@ pub mod link;
 pub mod notify;
 pub mod protocol;
 pub mod service;
+pub mod speech;
 pub mod telemetry;
 pub mod transport;
 pub mod turn;

@@ -1,0 +1,103 @@
+//! Speech services for the text-only protocols (ARP, H2A, HAP): the user's turn becomes text
+//! ([`SpeechToText`]) and the agent's text becomes speech ([`TextToSpeech`]). Backends: `wyoming` (a
+//! client of the Wyoming protocol, so the wyoming-faster-whisper / wyoming-piper services that Home
+//! Assistant users run can be used) and `command` (a local program such as espeak-ng or piper).
+//!
+//! Context: tokio. Every call is cancellable through a [`CancellationToken`]: a barge-in cancels the
+//! synthesis in flight, and the backend stops at once (the child is killed, the socket dropped).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+pub use tokio_util::sync::CancellationToken;
+
+/// Mono signed 16-bit PCM at `rate_hz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pcm {
+    pub rate_hz: u32,
+    pub samples: Vec<i16>,
+}
+
+impl Pcm {
+    pub fn duration_ms(&self) -> u64 {
+        if self.rate_hz == 0 {
+            return 0;
+        }
+        self.samples.len() as u64 * 1000 / self.rate_hz as u64
+    }
+}
+
+/// What speech-to-text heard.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transcript {
+    pub text: String,
+    /// Language the service reported, if any.
+    pub language: Option<String>,
+}
+
+/// Figures of one synthesis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SynthStats {
+    /// Audio produced, in ms.
+    pub audio_ms: u64,
+    /// From the call to the first chunk sent to `out`.
+    pub first_chunk_ms: Option<u64>,
+}
+
+/// Why a speech call failed. Every variant names the service so the log says which one to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeechError {
+    /// The service cannot be reached or the program cannot be started.
+    #[error("{service} is unavailable: {reason}")]
+    Unavailable { service: String, reason: String },
+    /// The service did not answer in time.
+    #[error("{service} timed out after {ms} ms ({what})")]
+    Timeout {
+        service: String,
+        what: String,
+        ms: u64,
+    },
+    /// The service answered something that does not follow its protocol.
+    #[error("{service} sent something unexpected: {reason}")]
+    Protocol { service: String, reason: String },
+    /// The service ran and reported a failure (exit status, error event).
+    #[error("{service} failed: {reason}")]
+    Failed { service: String, reason: String },
+    /// Cancelled by the caller (barge-in, shutdown). Not an error to report.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// A boxed future, so the traits stay object-safe (`Arc<dyn TextToSpeech>`).
+pub type SpeechFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SpeechError>> + Send + 'a>>;
+
+/// Speech-to-text. Thread contract: called from tokio tasks; `transcribe` never blocks a runtime
+/// thread (programs and sockets are driven asynchronously).
+pub trait SpeechToText: Send + Sync {
+    /// For logs: "wyoming tcp://host:10300", "command whisper-cli".
+    fn describe(&self) -> String;
+    /// Transcribe one utterance. `audio` yields mono chunks at `rate_hz` while the user speaks and
+    /// closes at the end of the turn; a streaming backend forwards chunks as they come, others
+    /// collect them. Returns when the transcript is in, or `Cancelled` as soon as `cancel` fires.
+    fn transcribe<'a>(
+        &'a self,
+        rate_hz: u32,
+        audio: mpsc::Receiver<Vec<i16>>,
+        cancel: CancellationToken,
+    ) -> SpeechFuture<'a, Transcript>;
+}
+
+/// Text-to-speech. Thread contract: as [`SpeechToText`].
+pub trait TextToSpeech: Send + Sync {
+    fn describe(&self) -> String;
+    /// Speak `text`. Audio goes to `out` in chunks as soon as the backend yields them (the first chunk
+    /// before the whole sentence is synthesized where the backend streams). Returns when done, or
+    /// `Cancelled` at once when `cancel` fires (nothing more is sent to `out` after that).
+    fn synthesize<'a>(
+        &'a self,
+        text: &'a str,
+        out: mpsc::Sender<Pcm>,
+        cancel: CancellationToken,
+    ) -> SpeechFuture<'a, SynthStats>;
+}
