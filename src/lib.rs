@@ -20,6 +20,7 @@ pub mod health;
 pub mod link;
 pub mod notify;
 pub mod protocol;
+pub mod render;
 pub mod service;
 pub mod speech;
 pub mod telemetry;
