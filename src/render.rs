@@ -18,6 +18,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::protocol::Downlink;
+
 /// Said once when a reply is cut at `max_spoken_chars`.
 pub const CAP_NOTICE: &str = "The rest of this answer is too long to read aloud.";
 
@@ -114,6 +116,25 @@ impl Renderer {
 
     pub fn question(&self) -> Option<&Question> {
         self.question.as_ref()
+    }
+
+    /// What one agent event adds to the speech, in order: text deltas give the sentences they
+    /// complete, a component its spoken form, a patch the components it changed, the end of a text or
+    /// of the answer whatever text was still pending. Other events say nothing.
+    pub fn on_downlink(&mut self, d: &Downlink) -> Vec<String> {
+        match d {
+            Downlink::TextDelta { text, .. } => self.push_text(text),
+            Downlink::TextDone { .. } | Downlink::ResponseFinished { .. } => self.finish(),
+            Downlink::Render { component, .. } => self.component(component),
+            Downlink::Patch { ops } => {
+                let (said, skipped) = self.patch(ops);
+                for reason in skipped {
+                    tracing::debug!(%reason, "patch operation skipped");
+                }
+                said
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Add streamed text; returns the sentences now complete, cleaned and ready to speak.

@@ -703,6 +703,17 @@ impl Service {
                 self.emit(EventKind::AgentText { text });
             }
             Downlink::Audio { .. } => {} // the link sends audio straight to the worker
+            Downlink::Render { component, tool } => {
+                // Spoken by the link's renderer; here it is only shown.
+                let kind = component
+                    .get("type")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("?")
+                    .to_string();
+                tracing::info!(%kind, tool = ?tool, "agent component");
+                self.feed(Input::AgentStarted).await;
+            }
+            Downlink::Patch { ops } => tracing::debug!(ops = ops.len(), "agent patch"),
             Downlink::Tool {
                 call_id,
                 name,

@@ -193,19 +193,7 @@ impl Default for HaipSettings {
 }
 
 /// Counters since the client was created (they survive reconnects).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HaipStats {
-    /// Our audio chunks dropped (oldest first) because the send queue was over its limit.
-    pub dropped_audio_frames: u64,
-    /// Frames from the peer dropped as repeats (same envelope `id`, or numeric `seq` already seen).
-    pub duplicates_dropped: u64,
-    /// Frames from the peer dropped because their run was cancelled.
-    pub cancelled_run_frames_dropped: u64,
-    /// `REPLAY_REQUEST`s we sent for `seq` gaps.
-    pub replay_requests_sent: u64,
-    /// Frames from the peer we could not read (each an `Err(Malformed)` or a dropped binary envelope).
-    pub malformed: u64,
-}
+pub type HaipStats = super::CodecStats;
 
 /// A HAIP 1.1.2 client connection codec. See the module docs for the conventions.
 #[derive(Debug)]
@@ -1964,6 +1952,10 @@ impl Protocol for HaipClient {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    fn stats(&self) -> super::CodecStats {
+        self.stats
     }
 }
 

@@ -8,6 +8,7 @@
 //!
 //! Context: tokio (the session task), but nothing here awaits or blocks.
 
+pub mod arp;
 pub mod haip;
 
 use std::fmt;
@@ -123,6 +124,14 @@ pub enum Downlink {
         name: String,
         state: ToolState,
     },
+    /// A UI component to present (ARP `render`): the raw component, spoken through the renderer's
+    /// fallback chain.
+    Render {
+        component: serde_json::Value,
+        tool: Option<String>,
+    },
+    /// Patch operations on components already presented (ARP `patch`).
+    Patch { ops: Vec<serde_json::Value> },
     /// The answer is complete.
     ResponseFinished { id: String, status: FinishStatus },
     /// The agent reported an error. `fatal`: the session cannot go on and must be reopened.
@@ -161,6 +170,21 @@ pub enum ProtocolError {
     State(String),
 }
 
+/// A codec's counters since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodecStats {
+    /// Our audio chunks dropped (oldest first) because the send queue was over its limit.
+    pub dropped_audio_frames: u64,
+    /// Frames from the peer dropped as repeats (same envelope `id`, or numeric `seq` already seen).
+    pub duplicates_dropped: u64,
+    /// Frames from the peer dropped because their run was cancelled.
+    pub cancelled_run_frames_dropped: u64,
+    /// `REPLAY_REQUEST`s we sent for `seq` gaps.
+    pub replay_requests_sent: u64,
+    /// Frames from the peer we could not read (each an `Err(Malformed)` or a dropped binary envelope).
+    pub malformed: u64,
+}
+
 /// A sans-IO protocol codec for one connection. Thread contract: used from one task; never blocks.
 pub trait Protocol: Send {
     fn name(&self) -> &'static str;
@@ -174,4 +198,20 @@ pub trait Protocol: Send {
     fn poll(&mut self, now_ms: u64) -> Vec<Wire>;
     /// When `poll` next has something to do.
     fn next_deadline(&self) -> Option<u64>;
+    /// Counters so far.
+    fn stats(&self) -> CodecStats {
+        CodecStats::default()
+    }
+    /// Protocols without a server handshake are ready as soon as the socket opens: the session id.
+    fn ready_on_open(&self) -> Option<String> {
+        None
+    }
+    /// The protocol has no cancel message: a barge-in closes the connection and opens a new one.
+    fn cancel_by_reconnect(&self) -> bool {
+        false
+    }
+    /// Events that timers produced (`poll` returns only frames).
+    fn take_events(&mut self) -> Vec<Downlink> {
+        Vec::new()
+    }
 }
