@@ -3,6 +3,9 @@
 //! we send match what the reference renderer sent, and the captured conversation is rendered to the
 //! spoken text below.
 
+// The replay helpers are not #[test] fns, so clippy.toml's allow-unwrap-in-tests misses them.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use hearken::protocol::arp::{ArpClient, ArpSettings, ERROR_COMMIT_WAIT_MS, renderer_hello};
