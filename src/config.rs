@@ -86,8 +86,28 @@ pub struct FileConfig {
     pub aec: AecConfig,
     pub earcons: EarconConfig,
     pub agent: AgentConfig,
+    pub render: RenderConfig,
     pub health: HealthConfig,
     pub log: LogConfig,
+}
+
+/// How the agent's text and components are spoken (text-only protocols).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenderConfig {
+    /// Characters of one answer spoken at most; the rest is cut with a spoken notice.
+    pub max_spoken_chars: u32,
+    /// Rows of a table read aloud before "and N more rows".
+    pub table_rows: u32,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        RenderConfig {
+            max_spoken_chars: 1500,
+            table_rows: 5,
+        }
+    }
 }
 
 /// The local health endpoint.
@@ -342,7 +362,17 @@ impl Default for EarconConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProtocolKind {
+    /// HAIP 1.1.2: audio both ways.
     Haip,
+    /// ARP v1 Minimal Mode: text both ways, through speech-to-text and text-to-speech on the device.
+    Arp,
+}
+
+impl ProtocolKind {
+    /// Carries only text: the device needs speech services.
+    pub fn text_only(self) -> bool {
+        !matches!(self, ProtocolKind::Haip)
+    }
 }
 
 /// How the agent token is presented on the WebSocket upgrade.
@@ -391,6 +421,8 @@ pub struct AgentConfig {
     pub reconnect_max_ms: u32,
     /// Mic audio held while the agent pauses the channel or the network is down; oldest dropped beyond.
     pub buffer_ms: u32,
+    /// ARP: send the spec's renderer `hello` on connect (the reference server rejects it harmlessly).
+    pub renderer_hello: bool,
 }
 
 impl Default for AgentConfig {
@@ -409,6 +441,7 @@ impl Default for AgentConfig {
             reconnect_min_ms: 1_000,
             reconnect_max_ms: 30_000,
             buffer_ms: 30_000,
+            renderer_hello: false,
         }
     }
 }
@@ -474,6 +507,13 @@ impl Config {
     }
 
     /// Whether echo cancellation runs: built with the `aec` feature and `aec.enabled`.
+    pub fn render_settings(&self) -> crate::render::RenderSettings {
+        crate::render::RenderSettings {
+            max_spoken_chars: self.render.max_spoken_chars as usize,
+            table_rows: self.render.table_rows as usize,
+        }
+    }
+
     pub fn aec_active(&self) -> bool {
         cfg!(feature = "aec") && self.file.aec.enabled
     }
@@ -731,6 +771,13 @@ impl Config {
             ));
         }
         range(
+            "render.max_spoken_chars",
+            c.render.max_spoken_chars,
+            100,
+            1_000_000,
+        )?;
+        range("render.table_rows", c.render.table_rows, 1, 100)?;
+        range(
             "agent.max_frame_bytes",
             c.agent.max_frame_bytes,
             4_096,
@@ -905,9 +952,13 @@ mod tests {
             enabled = false
             dir = "/"
             volume = 0.2
+            [render]
+            max_spoken_chars = 300
+            table_rows = 2
             [agent]
-            protocol = "haip"
-            url = "ws://10.0.0.5:8080/haip"
+            protocol = "arp"
+            renderer_hello = true
+            url = "ws://10.0.0.5:8080/_arp/v1"
             token_file = "/etc/hostname"
             token_mode = "subprotocol"
             allow_insecure = true
@@ -939,18 +990,6 @@ mod tests {
             panic!()
         };
         for (section, keys) in d {
-            if section == "agent" {
-                // protocol has a single value so far; check the others.
-                let (toml::Value::Table(dk), Some(toml::Value::Table(lk))) =
-                    (keys, l.get(&section))
-                else {
-                    panic!("agent")
-                };
-                for (k, v) in dk.into_iter().filter(|(k, _)| k != "protocol") {
-                    assert_ne!(Some(&v), lk.get(&k), "agent.{k} kept its default");
-                }
-                continue;
-            }
             let (toml::Value::Table(dk), Some(toml::Value::Table(lk))) = (keys, l.get(&section))
             else {
                 panic!("section {section}")

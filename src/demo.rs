@@ -155,6 +155,7 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                 io,
                 events: EventSink::Timeline(Box::new(std::io::stdout())),
                 record_events: true,
+                speech: None,
             },
             shutdown,
         )

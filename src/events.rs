@@ -77,6 +77,20 @@ pub enum EventKind {
         name: String,
         state: String,
     },
+    /// Text-only protocols: what speech-to-text heard, and what went to the agent.
+    UserText {
+        said: String,
+        text: String,
+    },
+    /// Text-only protocols: the user's turn gave no text.
+    NotUnderstood {
+        reason: String,
+    },
+    /// Text-only protocols: a component the agent showed, as it was spoken.
+    AgentComponent {
+        kind: String,
+        text: String,
+    },
     /// Frames of the user's turn that reached the agent.
     FramesSent {
         frames: u64,
@@ -180,6 +194,12 @@ pub fn timeline_line(kind: &EventKind) -> Option<String> {
         EventKind::AgentFinished { status, .. } => format!("agent run finished: {status}"),
         EventKind::AgentError { code, message } => format!("agent error {code}: {message}"),
         EventKind::AgentTool { name, state } => format!("agent tool {name}: {state}"),
+        EventKind::UserText { said, text } if said == text => format!("user said: \"{said}\""),
+        EventKind::UserText { said, text } => {
+            format!("user said: \"{said}\" (sent as the answer \"{text}\")")
+        }
+        EventKind::NotUnderstood { reason } => format!("the turn gave no text: {reason}"),
+        EventKind::AgentComponent { kind, text } => format!("agent shows a {kind}: \"{text}\""),
         EventKind::Earcon {
             earcon: Earcon::Working,
         } => "speaker: \"working\" earcon".into(),

@@ -26,5 +26,6 @@ pub mod speech;
 pub mod telemetry;
 pub mod transport;
 pub mod turn;
+pub mod voice;
 
 pub use error::Error;

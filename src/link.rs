@@ -17,13 +17,16 @@ use tokio::sync::{mpsc, watch};
 use crate::audio::earcon::decode_wav;
 use crate::audio::rt::FlushHandle;
 use crate::config::Config;
+use crate::config::ProtocolKind;
 use crate::dsp::downlink::DownlinkAudio;
 use crate::dsp::worker::PlaybackItem;
-use crate::protocol::AudioCodec;
-use crate::protocol::haip::{HaipClient, HaipSettings, HaipStats};
+use crate::protocol::arp::{ArpClient, ArpSettings};
+use crate::protocol::haip::{HaipClient, HaipSettings};
+use crate::protocol::{AudioCodec, CodecStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
 use crate::transport::Backoff;
 use crate::transport::ws::{self, WsConnection, WsSettings};
+use crate::voice::{Speech, VoiceBridge, VoiceEvent};
 
 /// A command for the link.
 #[derive(Debug)]
@@ -72,6 +75,26 @@ pub enum LinkEvent {
     AgentAudio {
         bytes: usize,
     },
+    /// Text-only protocols: what speech-to-text heard (`said`) and what went to the agent (`text`:
+    /// the transcript, or the answer to the agent's question it matched).
+    Transcript {
+        said: String,
+        text: String,
+    },
+    /// Text-only protocols: the user's turn gave no text (nothing recognisable, or the speech service
+    /// failed after its retries).
+    NotUnderstood {
+        reason: String,
+    },
+    /// Text-only protocols: a component was turned into speech.
+    ComponentSpoken {
+        kind: String,
+        text: String,
+    },
+    /// Text-only protocols: the answer's first text to its first synthesized audio at the speaker.
+    FirstSpeech {
+        after_first_text: Duration,
+    },
 }
 
 /// Where agent audio goes: straight to the DSP worker, so a fast agent is slowed down by back-pressure
@@ -100,7 +123,7 @@ pub struct LinkStats {
 }
 
 impl LinkStats {
-    fn plus(mut self, c: HaipStats) -> Self {
+    fn plus(mut self, c: CodecStats) -> Self {
         self.dropped_audio_frames += c.dropped_audio_frames;
         self.duplicates_dropped += c.duplicates_dropped;
         self.cancelled_run_frames_dropped += c.cancelled_run_frames_dropped;
@@ -129,12 +152,29 @@ impl LinkHandle {
     }
 }
 
-/// Start the link task for `config.agent`.
-pub fn spawn(config: &Config, player: Player, shutdown: watch::Receiver<bool>) -> LinkHandle {
+/// Start the link task for `config.agent`. A text-only protocol needs `speech` (speech-to-text for the
+/// user's turns, text-to-speech for the agent's answers).
+pub fn spawn(
+    config: &Config,
+    player: Player,
+    speech: Option<Speech>,
+    shutdown: watch::Receiver<bool>,
+) -> LinkHandle {
     let (tx, rx) = mpsc::channel(512);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let stats = Arc::new(Mutex::new(LinkStats::default()));
+    let (voice, voice_rx) = match speech {
+        Some(speech) => {
+            let (v, rx) = VoiceBridge::new(speech, config.render_settings(), player.clone());
+            (Some(v), Some(rx))
+        }
+        None => (None, None),
+    };
     let link = Link {
+        voice,
+        voice_rx,
+        session_id: uuid::Uuid::new_v4().to_string(),
+        quiet_reconnect: false,
         config: config.clone(),
         cmds: rx,
         events: ev_tx,
@@ -156,6 +196,14 @@ pub fn spawn(config: &Config, player: Player, shutdown: watch::Receiver<bool>) -
 }
 
 struct Link {
+    /// Text-only protocols: speech-to-text and the renderer with text-to-speech.
+    voice: Option<VoiceBridge>,
+    voice_rx: Option<mpsc::Receiver<VoiceEvent>>,
+    /// Client-held session id (ARP), the same across reconnects.
+    session_id: String,
+    /// The connection was closed on purpose (a barge-in on a protocol without cancel): reconnect at
+    /// once and do not report it as a new connection.
+    quiet_reconnect: bool,
     config: Config,
     cmds: mpsc::Receiver<LinkCmd>,
     events: mpsc::Sender<LinkEvent>,
@@ -172,7 +220,19 @@ struct Link {
 
 enum End {
     Shutdown,
-    Lost { reason: String, auth: bool },
+    Lost {
+        reason: String,
+        auth: bool,
+    },
+    /// Closed to cancel the agent's answer (the protocol has no cancel message).
+    Cancelled,
+}
+
+async fn next_voice(rx: &mut Option<mpsc::Receiver<VoiceEvent>>) -> Option<VoiceEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Link {
@@ -180,7 +240,7 @@ impl Link {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn publish(&self, codec: &HaipClient) {
+    fn publish(&self, codec: &dyn Protocol) {
         if let Ok(mut s) = self.shared.lock() {
             *s = self.totals.plus(codec.stats());
         }
@@ -215,8 +275,19 @@ impl Link {
             };
             let (reason, auth) = match end {
                 End::Shutdown => return,
+                End::Cancelled => {
+                    tracing::debug!(
+                        "reconnecting after closing the connection to cancel the answer"
+                    );
+                    self.quiet_reconnect = true;
+                    continue;
+                }
                 End::Lost { reason, auth } => (reason, auth),
             };
+            self.quiet_reconnect = false;
+            if let Some(v) = &mut self.voice {
+                v.connection_lost();
+            }
             backoff.succeeded(started.elapsed());
             let delay = backoff.next_delay();
             if auth {
@@ -238,10 +309,77 @@ impl Link {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = self.shutdown.changed() => return,
                     cmd = self.cmds.recv() => match cmd {
-                        Some(cmd) => self.keep(cmd),
+                        Some(cmd) => {
+                            if let Some(cmd) = self.intake(cmd) {
+                                self.keep(cmd);
+                            }
+                        }
                         None => return,
                     },
+                    ev = next_voice(&mut self.voice_rx) => {
+                        if let Some(ev) = ev {
+                            for cmd in self.on_voice(ev).await {
+                                self.keep(cmd);
+                            }
+                        }
+                    }
                 }
+            }
+        }
+    }
+
+    /// Text-only protocols: the turn's audio goes to speech-to-text, not to the agent.
+    fn intake(&mut self, cmd: LinkCmd) -> Option<LinkCmd> {
+        match &mut self.voice {
+            Some(v) => v.uplink(cmd.up).map(|up| LinkCmd {
+                up,
+                frame: cmd.frame,
+            }),
+            None => Some(cmd),
+        }
+    }
+
+    /// A report of the voice bridge; returns the uplink items it produced (the turn as text).
+    async fn on_voice(&mut self, ev: VoiceEvent) -> Vec<LinkCmd> {
+        match ev {
+            VoiceEvent::Transcript { said, .. } => {
+                let text = match &mut self.voice {
+                    Some(v) => v.answer(&said),
+                    None => said.clone(),
+                };
+                self.emit(LinkEvent::Transcript {
+                    said,
+                    text: text.clone(),
+                })
+                .await;
+                vec![
+                    LinkCmd {
+                        up: Uplink::Text(text),
+                        frame: None,
+                    },
+                    // Marks the end of the turn for `answered`.
+                    LinkCmd {
+                        up: Uplink::TurnEnd { duration_ms: 0 },
+                        frame: None,
+                    },
+                ]
+            }
+            VoiceEvent::NotUnderstood { reason } => {
+                self.emit(LinkEvent::NotUnderstood { reason }).await;
+                Vec::new()
+            }
+            VoiceEvent::ComponentSpoken { kind, text } => {
+                self.emit(LinkEvent::ComponentSpoken { kind, text }).await;
+                Vec::new()
+            }
+            VoiceEvent::Finished { id, status } => {
+                self.emit(LinkEvent::Down(Downlink::ResponseFinished { id, status }))
+                    .await;
+                Vec::new()
+            }
+            VoiceEvent::FirstAudio { after_first_text } => {
+                self.emit(LinkEvent::FirstSpeech { after_first_text }).await;
+                Vec::new()
             }
         }
     }
@@ -313,9 +451,19 @@ impl Link {
 
     async fn handle_decoded(&mut self, conn: &mut WsConnection, d: Decoded) -> Result<(), End> {
         for e in d.events {
+            // Text-only protocols: text and components are spoken; the end of an answer waits for
+            // its speech; late events of a cancelled answer go no further.
+            let e = match &mut self.voice {
+                Some(v) => match v.downlink(e) {
+                    Some(e) => e,
+                    None => continue,
+                },
+                None => e,
+            };
             match &e {
                 Downlink::ResponseStarted { .. }
                 | Downlink::Audio { .. }
+                | Downlink::Render { .. }
                 | Downlink::TextDelta { .. } => self.answered(),
                 Downlink::Error {
                     fatal: true,
@@ -379,21 +527,33 @@ impl Link {
         self.send_all(conn, d.replies, None, false).await
     }
 
-    async fn serve(&mut self, conn: WsConnection, token: Option<crate::config::Secret>) -> End {
+    fn new_codec(&self) -> Box<dyn Protocol> {
         let a = &self.config.agent;
-        let mut codec = HaipClient::new(HaipSettings {
-            ping_interval_ms: a.ping_interval_s as u64 * 1000,
-            // buffer_ms of Opus at the configured bitrate, with room for the frames' envelopes.
-            buffer_limit_bytes: (a.buffer_ms as usize * self.config.opus.bitrate_bps as usize
-                / 8_000)
-                * 3
-                / 2
-                + 64 * 1024,
-            ..HaipSettings::default()
-        });
-        self.totals.connections += 1;
-        self.publish(&codec);
-        let end = self.serve_with(&mut codec, conn, token).await;
+        match a.protocol {
+            ProtocolKind::Haip => Box::new(HaipClient::new(HaipSettings {
+                ping_interval_ms: a.ping_interval_s as u64 * 1000,
+                // buffer_ms of Opus at the configured bitrate, with room for the frames' envelopes.
+                buffer_limit_bytes: (a.buffer_ms as usize * self.config.opus.bitrate_bps as usize
+                    / 8_000)
+                    * 3
+                    / 2
+                    + 64 * 1024,
+                ..HaipSettings::default()
+            })),
+            ProtocolKind::Arp => Box::new(ArpClient::new(ArpSettings {
+                session_id: self.session_id.clone(),
+                send_hello: a.renderer_hello,
+            })),
+        }
+    }
+
+    async fn serve(&mut self, conn: WsConnection, token: Option<crate::config::Secret>) -> End {
+        let mut codec = self.new_codec();
+        if !self.quiet_reconnect {
+            self.totals.connections += 1;
+        }
+        self.publish(codec.as_ref());
+        let end = self.serve_with(codec.as_mut(), conn, token).await;
         self.totals = self.totals.plus(codec.stats());
         if let Ok(mut s) = self.shared.lock() {
             *s = self.totals;
@@ -403,7 +563,7 @@ impl Link {
 
     async fn serve_with(
         &mut self,
-        codec: &mut HaipClient,
+        codec: &mut dyn Protocol,
         mut conn: WsConnection,
         token: Option<crate::config::Secret>,
     ) -> End {
@@ -417,6 +577,12 @@ impl Link {
         let hello = codec.open(self.now_ms(), &info);
         if let Err(e) = self.send_all(&mut conn, hello, None, false).await {
             return e;
+        }
+        if let Some(session) = codec.ready_on_open() {
+            // No server handshake to wait for.
+            if !std::mem::take(&mut self.quiet_reconnect) {
+                self.emit(LinkEvent::Connected { session }).await;
+            }
         }
         // Words the last connection could not deliver go first (the codec holds them until the
         // agent's handshake arrives).
@@ -462,23 +628,23 @@ impl Link {
                         conn.close().await;
                         return End::Shutdown;
                     };
-                    let turn_end = matches!(cmd.up, Uplink::TurnEnd { .. });
-                    let interrupt = matches!(cmd.up, Uplink::Interrupt);
-                    let meta = cmd.frame;
-                    let wires = codec.encode(self.now_ms(), cmd.up.clone());
-                    self.keep(cmd);
-                    if interrupt {
-                        // The service flushed already; audio of the cancelled run forwarded since then
-                        // is flushed too. From here on the codec drops that run's frames.
-                        self.player.flush.request();
+                    match self.intake(cmd) {
+                        Some(cmd) => self.send_cmd(codec, &mut conn, cmd).await,
+                        None => Ok(()),
                     }
-                    match wires {
-                        Ok(w) => self.send_all(&mut conn, w, meta, turn_end).await,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "uplink item not sent");
-                            Ok(())
+                }
+                ev = next_voice(&mut self.voice_rx) => {
+                    let mut r = Ok(());
+                    if let Some(ev) = ev {
+                        for cmd in self.on_voice(ev).await {
+                            if r.is_ok() {
+                                r = self.send_cmd(codec, &mut conn, cmd).await;
+                            } else {
+                                self.keep(cmd);
+                            }
                         }
                     }
+                    r
                 }
                 msg = conn.recv() => match msg {
                     None => Err(End::Lost { reason: "connection closed".into(), auth: false }),
@@ -498,11 +664,21 @@ impl Link {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(deadline)) => {
                     let w = codec.poll(self.now_ms());
-                    self.send_all(&mut conn, w, None, false).await
+                    let events = codec.take_events();
+                    match self.send_all(&mut conn, w, None, false).await {
+                        Ok(()) => {
+                            let d = Decoded { events, replies: Vec::new() };
+                            self.handle_decoded(&mut conn, d).await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             };
             self.publish(codec);
             if let Err(e) = r {
+                if matches!(e, End::Cancelled) {
+                    conn.close().await;
+                }
                 return e;
             }
             if conn.last_rx().elapsed() > liveness {
@@ -510,6 +686,38 @@ impl Link {
                     reason: format!("nothing from the agent for {} s", liveness.as_secs()),
                     auth: false,
                 };
+            }
+        }
+    }
+
+    /// One uplink item to the agent: encoded, sent and kept until answered. A barge-in on a protocol
+    /// without a cancel message ends the connection ([`End::Cancelled`]).
+    async fn send_cmd(
+        &mut self,
+        codec: &mut dyn Protocol,
+        conn: &mut WsConnection,
+        cmd: LinkCmd,
+    ) -> Result<(), End> {
+        let turn_end = matches!(cmd.up, Uplink::TurnEnd { .. });
+        let interrupt = matches!(cmd.up, Uplink::Interrupt);
+        let meta = cmd.frame;
+        let reconnect = interrupt && codec.cancel_by_reconnect();
+        let wires = codec.encode(self.now_ms(), cmd.up.clone());
+        self.keep(cmd);
+        if interrupt {
+            // The service flushed already; audio of the cancelled run forwarded since then is
+            // flushed too. From here on the codec drops that run's frames.
+            self.player.flush.request();
+            if reconnect {
+                tracing::info!("barge-in: closing the connection (the protocol has no cancel)");
+                return Err(End::Cancelled);
+            }
+        }
+        match wires {
+            Ok(w) => self.send_all(conn, w, meta, turn_end).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "uplink item not sent");
+                Ok(())
             }
         }
     }

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub events: EventSink,
     /// Keep every event in the report (tests, demo).
     pub record_events: bool,
+    /// Speech services for a text-only protocol; `None`: from the config's `[stt]` and `[tts]`.
+    pub speech: Option<crate::voice::Speech>,
 }
 
 /// One user turn as the service saw it.
@@ -83,6 +85,14 @@ pub struct RunReport {
     pub speech_end_to_turn_sent_ms: Vec<u64>,
     /// Complete text messages from the agent.
     pub agent_texts: Vec<String>,
+    /// Text-only protocols: what went to the agent for each turn (transcript or matched answer).
+    pub user_texts: Vec<String>,
+    /// Text-only protocols: turns that gave no text.
+    pub not_understood: u32,
+    /// Text-only protocols: components as spoken.
+    pub components_spoken: Vec<String>,
+    /// Text-only protocols: an answer's first text -> its first synthesized audio at the speaker, µs.
+    pub first_speech_us: Vec<u64>,
     pub agent_runs: u32,
     pub agent_connects: u32,
     pub agent_disconnects: u32,
@@ -121,6 +131,7 @@ pub fn run_cli(config: Config, args: &RunArgs) -> anyhow::Result<()> {
                 io,
                 events,
                 record_events: false,
+                speech: None,
             },
             signal_shutdown(),
         )
@@ -282,6 +293,14 @@ pub async fn run(
     };
     let (devices, fast, live) = devices(&config, &opts.io);
     let agent = !config.agent.url.is_empty();
+    let speech = match opts.speech {
+        Some(s) => Some(s),
+        None if agent && config.agent.protocol.text_only() => Some(
+            crate::voice::Speech::from_config(&config)
+                .context("a text-only protocol needs speech services ([stt] and [tts])")?,
+        ),
+        None => None,
+    };
     let handle = worker::spawn(
         WorkerSettings {
             config: config.clone(),
@@ -298,6 +317,7 @@ pub async fn run(
                 audio: handle.audio.clone(),
                 flush: handle.flush.clone(),
             },
+            speech.clone(),
             shutdown.clone(),
         )
     });
@@ -681,6 +701,27 @@ impl Service {
                 self.feed(Input::AgentStarted).await
             }
             LinkEvent::Down(d) => self.on_downlink(d).await,
+            LinkEvent::Transcript { said, text } => {
+                tracing::info!(%said, %text, "user turn as text");
+                self.report.user_texts.push(text.clone());
+                self.emit(EventKind::UserText { said, text });
+            }
+            LinkEvent::NotUnderstood { reason } => {
+                tracing::warn!(%reason, "the user's turn gave no text");
+                self.report.not_understood += 1;
+                self.emit(EventKind::NotUnderstood { reason });
+                // The turn is over without an answer: the error earcon, back to listening.
+                self.feed(Input::AgentError).await;
+            }
+            LinkEvent::ComponentSpoken { kind, text } => {
+                self.report.components_spoken.push(text.clone());
+                self.emit(EventKind::AgentComponent { kind, text });
+            }
+            LinkEvent::FirstSpeech { after_first_text } => {
+                let us = after_first_text.as_micros() as u64;
+                tracing::debug!(us, "first agent text -> first synthesized audio");
+                self.report.first_speech_us.push(us);
+            }
         }
     }
 

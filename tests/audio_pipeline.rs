@@ -157,6 +157,7 @@ fn run_file(path: &Path, overrides: &[String]) -> service::RunReport {
             },
             events: hearken::events::EventSink::None,
             record_events: true,
+            speech: None,
         },
         rx,
     ))
@@ -223,6 +224,7 @@ fn a_run_writes_the_event_stream_and_plays_the_done_earcon() {
                 },
                 events: hearken::events::EventSink::None,
                 record_events: true,
+                speech: None,
             },
             rx,
         ))

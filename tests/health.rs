@@ -90,6 +90,7 @@ async fn metrics_parse_and_move_with_a_session() {
             },
             events: EventSink::None,
             record_events: false,
+            speech: None,
         },
         shutdown,
     ));

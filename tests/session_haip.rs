@@ -97,6 +97,7 @@ async fn run_device(config: Config, script: PathBuf) -> (RunReport, Vec<f32>) {
             },
             events: EventSink::None,
             record_events: true,
+            speech: None,
         },
         shutdown,
     )
@@ -478,6 +479,7 @@ async fn run_in_room(tag: &str, extra: &[String]) -> (RunReport, AgentHandle) {
             },
             events: EventSink::None,
             record_events: true,
+            speech: None,
         },
         shutdown,
     )

@@ -11,6 +11,7 @@
 //!
 //! Context: tokio. Every connection runs in its own task; nothing here blocks.
 
+pub mod arp;
 pub mod haip;
 
 use anyhow::Context as _;

@@ -92,6 +92,31 @@ impl OpusDecoder {
     }
 }
 
+/// Decodes the uplink's own Opus back to 16-bit PCM at a rate of the caller's choice: the speech
+/// bridge transcribes what the user said from the frames the turn machine sends.
+pub struct OpusDecoderPcm {
+    dec: opus::Decoder,
+}
+
+impl OpusDecoderPcm {
+    pub fn new(rate_hz: u32) -> Result<Self, DspError> {
+        Ok(OpusDecoderPcm {
+            dec: opus::Decoder::new(rate_hz, opus::Channels::Mono).map_err(opus_err("decoder"))?,
+        })
+    }
+
+    /// Decode one packet into `out` (at least `MAX_DECODED_SAMPLES` long); returns the samples.
+    pub fn decode(&mut self, packet: &[u8], out: &mut [i16]) -> Result<usize, DspError> {
+        self.dec
+            .decode(packet, out, false)
+            .map_err(opus_err("decode"))
+    }
+
+    pub fn reset(&mut self) {
+        let _ = self.dec.reset_state();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

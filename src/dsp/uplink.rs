@@ -41,6 +41,24 @@ const MIC_MARGIN: f32 = 1.0;
 const CONVERGED_FRAMES: u64 = 100;
 #[cfg(feature = "aec")]
 const MIN_ECHO_GAIN_DB: f32 = -60.0;
+/// How much louder than its usual echo the mic must be to be near-end sound whatever the canceller
+/// says (power ratio, 20 dB).
+#[cfg(feature = "aec")]
+const NEAR_CERTAIN: f32 = 100.0;
+/// What the barge-in gate makes of one frame.
+#[cfg(feature = "aec")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The cancelled frame goes to the VAD.
+    Pass,
+    /// Near-end for certain, but the canceller suppressed it: the raw frame goes on instead.
+    PassRaw,
+    /// Taken for echo: the VAD hears silence.
+    Block,
+}
+/// The level (mean power, -100 dBFS) a frame of digital zeros is taken to have.
+#[cfg(feature = "aec")]
+const SILENT_FRAME: f32 = 1e-10;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UplinkSettings {
@@ -307,10 +325,16 @@ impl Uplink {
         self.vad_frame = self.stage;
         #[cfg(feature = "aec")]
         if let Some(aec) = &mut self.aec {
+            let raw = self.stage;
             let levels = aec.capture(&mut self.stage);
             self.vad_frame = self.stage;
-            if !self.gate_passes(levels) {
-                self.vad_frame = [0; 160];
+            match self.gate(levels) {
+                Gate::Pass => {}
+                Gate::PassRaw => {
+                    self.stage = raw;
+                    self.vad_frame = raw;
+                }
+                Gate::Block => self.vad_frame = [0; 160],
             }
         }
         // The staged (cancelled) frame is the pipeline's input from here on. Not written back into
@@ -348,9 +372,9 @@ impl Uplink {
 
     /// The barge-in gate for one frame: may the VAD hear it?
     #[cfg(feature = "aec")]
-    fn gate_passes(&mut self, l: super::aec::FrameLevels) -> bool {
+    fn gate(&mut self, l: super::aec::FrameLevels) -> Gate {
         if l.far < super::aec::FAR_ACTIVE {
-            return true; // nothing is playing: no echo to tell apart
+            return Gate::Pass; // nothing is playing: no echo to tell apart
         }
         self.gate.far_frames += 1;
         // The echo to expect: the loudest recent far end through the echo path, after cancellation.
@@ -359,14 +383,20 @@ impl Uplink {
         // canceller slips (a delay jump, a tone), its residual grows but the mic does not, while the
         // user's voice adds to the mic.
         let mic_echo = l.far * 10f32.powf(self.mic_echo_db / 10.0);
-        let passes = l.out > expected * self.gate_margin
+        let cancelled_passes = l.out > expected * self.gate_margin
             && l.out > NEAR_FLOOR
             && l.mic > mic_echo * MIC_MARGIN;
+        // The mic far louder than any echo it has had: near-end sound for certain, whatever the
+        // canceller made of it. AEC3 that has never seen an echo (no echo path: headphones, a
+        // speaker far away) suppresses the near end too; the raw frame is then the one to keep.
+        let raw = !cancelled_passes && l.mic > mic_echo * NEAR_CERTAIN && l.mic > NEAR_FLOOR;
+        let passes = cancelled_passes || raw;
         if passes != self.gate_open {
             // Every opening and closing, with its evidence: what a barge-in decision rests on.
             self.gate_open = passes;
             tracing::debug!(
                 open = passes,
+                raw,
                 out_db = super::aec::db(l.out),
                 expected_echo_db = super::aec::db(expected),
                 mic_echo_db = super::aec::db(mic_echo),
@@ -387,18 +417,24 @@ impl Uplink {
             // Learn the residual echo level from frames that look like echo only: an 80th
             // percentile of out/far in dB (up 1.2 dB, down 0.3 dB a frame), so a loud moment of the
             // echo raises it quickly and the user's own (passing) frames never do.
-            if l.far > 0.0 && l.out > 0.0 {
-                let g_db = super::aec::db(l.out / l.far);
+            // A frame of digital silence (a muted mic, a file's gap) is the strongest evidence of no
+            // echo: it counts as an echo at the floor, so the estimates still come down.
+            if l.far > 0.0 {
+                let g_db = super::aec::db(l.out.max(SILENT_FRAME) / l.far);
                 self.echo_gain_db += if g_db > self.echo_gain_db { 1.2 } else { -0.3 };
                 self.echo_gain_db = self.echo_gain_db.clamp(MIN_ECHO_GAIN_DB, 10.0);
             }
-            if l.far > 0.0 && l.mic > 0.0 {
-                let g_db = super::aec::db(l.mic / l.far);
+            if l.far > 0.0 {
+                let g_db = super::aec::db(l.mic.max(SILENT_FRAME) / l.far);
                 self.mic_echo_db += if g_db > self.mic_echo_db { 0.4 } else { -0.1 };
                 self.mic_echo_db = self.mic_echo_db.clamp(MIN_ECHO_GAIN_DB, 20.0);
             }
         }
-        passes
+        match (passes, raw) {
+            (true, false) => Gate::Pass,
+            (true, true) => Gate::PassRaw,
+            _ => Gate::Block,
+        }
     }
 
     /// Start a stream at `at - preroll`, feeding the encoder from the pre-roll ring up to `now`.

@@ -75,6 +75,9 @@ pub struct ArpClient {
     settings: ArpSettings,
     turn: Option<Turn>,
     turns: u64,
+    /// Makes answer ids unique across connections (each connection has a codec of its own), so late
+    /// frames of a cancelled answer are never taken for the next one.
+    id_prefix: String,
     tool_calls: u64,
     /// Inputs waiting for the current turn to end.
     queue: VecDeque<String>,
@@ -91,6 +94,7 @@ impl ArpClient {
             settings,
             turn: None,
             turns: 0,
+            id_prefix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             tool_calls: 0,
             queue: VecDeque::new(),
             hello_sent: false,
@@ -117,7 +121,7 @@ impl ArpClient {
     fn input_frame(&mut self, text: String) -> Wire {
         self.turns += 1;
         self.turn = Some(Turn {
-            id: format!("arp-turn-{}", self.turns),
+            id: format!("arp-{}-{}", self.id_prefix, self.turns),
             ..Turn::default()
         });
         let frame = json!({
@@ -438,7 +442,9 @@ impl Protocol for ArpClient {
     }
 
     fn cancel_by_reconnect(&self) -> bool {
-        true
+        // Only an answer still streaming needs the socket closed; after its commit, stopping the
+        // speaker is all a barge-in has to do.
+        self.turn.is_some()
     }
 
     fn take_events(&mut self) -> Vec<Downlink> {

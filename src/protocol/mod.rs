@@ -206,7 +206,8 @@ pub trait Protocol: Send {
     fn ready_on_open(&self) -> Option<String> {
         None
     }
-    /// The protocol has no cancel message: a barge-in closes the connection and opens a new one.
+    /// The protocol has no cancel message and an answer is in progress: a barge-in must close the
+    /// connection (and open a new one) to stop it. Asked before the `Interrupt` is encoded.
     fn cancel_by_reconnect(&self) -> bool {
         false
     }

@@ -1,0 +1,431 @@
+//! The whole device against the built-in ARP agent over real loopback WebSockets, in real time: the
+//! user's turn goes through speech-to-text, the transcript to the agent as ARP `input`, the agent's
+//! streamed deltas and its table through the renderer to text-to-speech and out of the speaker.
+//!
+//! The speech services here are doubles with the real contract (streamed, cancellable), so the tests
+//! check the bridge, the renderer, the link and the protocol, not a recogniser: the STT double
+//! answers each turn with the next line of a script once the turn's audio is in, the TTS double turns
+//! each word into 120 ms of a 440 Hz tone, streamed in 40 ms chunks, and records what it was asked.
+//! Real backends are tested against real services in `tests/speech.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearken::agent::arp::{self as agent, AgentHandle, AgentSettings};
+use hearken::config::Config;
+use hearken::demo::write_script;
+use hearken::events::{EventKind, EventSink};
+use hearken::service::{self, Io, RunOptions, RunReport};
+use hearken::speech::{
+    CancellationToken, Pcm, SpeechError, SpeechFuture, SpeechToText, SynthStats, TextToSpeech,
+    Transcript,
+};
+use hearken::voice::Speech;
+use tokio::sync::{mpsc, watch};
+
+const TTS_RATE_HZ: u32 = 16_000;
+const WORD_MS: u64 = 120;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/fixtures")
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("hearken-arp-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+    fn script(&self, parts: &[(&str, u32)], tail_ms: u32) -> PathBuf {
+        let p = self.0.join("script.wav");
+        write_script(&fixtures(), parts, tail_ms, &p).expect("script");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Answers turn N with `lines[N]`; records the audio length of each turn.
+struct ScriptStt {
+    lines: Vec<String>,
+    turns: Mutex<Vec<u64>>,
+}
+
+impl SpeechToText for ScriptStt {
+    fn describe(&self) -> String {
+        "script".into()
+    }
+    fn transcribe<'a>(
+        &'a self,
+        rate_hz: u32,
+        mut audio: mpsc::Receiver<Vec<i16>>,
+        cancel: CancellationToken,
+    ) -> SpeechFuture<'a, Transcript> {
+        Box::pin(async move {
+            let mut samples = 0u64;
+            loop {
+                tokio::select! {
+                    c = audio.recv() => match c {
+                        Some(c) => samples += c.len() as u64,
+                        None => break,
+                    },
+                    _ = cancel.cancelled() => return Err(SpeechError::Cancelled),
+                }
+            }
+            let mut turns = self.turns.lock().expect("turns");
+            let n = turns.len();
+            turns.push(samples * 1000 / rate_hz as u64);
+            Ok(Transcript {
+                text: self.lines.get(n).cloned().unwrap_or_default(),
+                language: None,
+            })
+        })
+    }
+}
+
+#[derive(Default)]
+struct ToneTts {
+    /// Time to synthesize each 40 ms chunk (default 2 ms, far faster than real time).
+    chunk_synth_ms: Option<u64>,
+    asked: Mutex<Vec<String>>,
+    cancelled: Mutex<Vec<String>>,
+}
+
+impl TextToSpeech for ToneTts {
+    fn describe(&self) -> String {
+        "tone".into()
+    }
+    fn synthesize<'a>(
+        &'a self,
+        text: &'a str,
+        out: mpsc::Sender<Pcm>,
+        cancel: CancellationToken,
+    ) -> SpeechFuture<'a, SynthStats> {
+        Box::pin(async move {
+            self.asked.lock().expect("asked").push(text.to_string());
+            let words = text.split_whitespace().count() as u64;
+            let chunk_ms = 40;
+            let chunks = words * WORD_MS / chunk_ms;
+            let n = (TTS_RATE_HZ as u64 * chunk_ms / 1000) as usize;
+            let mut t = 0usize;
+            for _ in 0..chunks {
+                // Synthesis takes a little time per chunk, as a real engine's does.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(self.chunk_synth_ms.unwrap_or(2))) => {}
+                    _ = cancel.cancelled() => {
+                        self.cancelled.lock().expect("cancelled").push(text.to_string());
+                        return Err(SpeechError::Cancelled);
+                    }
+                }
+                let samples: Vec<i16> = (0..n)
+                    .map(|i| {
+                        let ph = 2.0 * std::f32::consts::PI * 440.0 * (t + i) as f32
+                            / TTS_RATE_HZ as f32;
+                        (ph.sin() * 8000.0) as i16
+                    })
+                    .collect();
+                t += n;
+                if out
+                    .send(Pcm {
+                        rate_hz: TTS_RATE_HZ,
+                        samples,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Err(SpeechError::Cancelled);
+                }
+            }
+            Ok(SynthStats {
+                audio_ms: chunks * chunk_ms,
+                first_chunk_ms: Some(2),
+            })
+        })
+    }
+}
+
+fn config(url: &str, extra: &[&str]) -> Config {
+    let mut o = vec![
+        "agent.protocol=\"arp\"".to_string(),
+        format!("agent.url=\"{url}\""),
+        "agent.reconnect_min_ms=200".to_string(),
+        "agent.reconnect_max_ms=2000".to_string(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    Config::from_toml_str("", "test", &o).expect("config")
+}
+
+async fn start_agent(settings: AgentSettings) -> AgentHandle {
+    agent::spawn("127.0.0.1:0".parse().expect("addr"), settings)
+        .await
+        .expect("agent")
+}
+
+async fn run_device(config: Config, script: PathBuf, speech: Speech) -> (RunReport, Vec<f32>) {
+    let (output, played) = service::memory_output();
+    let (_stop, shutdown) = watch::channel(false);
+    let report = service::run(
+        config,
+        RunOptions {
+            io: Io::File {
+                input: script,
+                output,
+                realtime: true,
+            },
+            events: EventSink::None,
+            record_events: true,
+            speech: Some(speech),
+        },
+        shutdown,
+    )
+    .await
+    .expect("device run");
+    let played = played.lock().expect("speaker").clone();
+    (report, played)
+}
+
+fn speech(lines: &[&str]) -> (Speech, Arc<ScriptStt>, Arc<ToneTts>) {
+    speech_with(lines, ToneTts::default())
+}
+
+fn speech_with(lines: &[&str], tts: ToneTts) -> (Speech, Arc<ScriptStt>, Arc<ToneTts>) {
+    let stt = Arc::new(ScriptStt {
+        lines: lines.iter().map(|s| s.to_string()).collect(),
+        turns: Mutex::new(Vec::new()),
+    });
+    let tts = Arc::new(tts);
+    (
+        Speech {
+            stt: stt.clone(),
+            tts: tts.clone(),
+        },
+        stt,
+        tts,
+    )
+}
+
+/// Milliseconds of the speaker buffer (48 kHz) louder than -40 dBFS, in 10 ms blocks.
+fn active_ms(played: &[f32]) -> usize {
+    played
+        .chunks(480)
+        .filter(|b| (b.iter().map(|s| s * s).sum::<f32>() / b.len() as f32).sqrt() > 0.01)
+        .count()
+        * 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voice_turn_goes_as_text_and_the_answer_is_spoken_sentence_by_sentence() {
+    let tmp = Scratch::new("turn");
+    let a = start_agent(AgentSettings::default()).await;
+    let (sp, stt, tts) = speech(&["How long will it take to get to work today"]);
+    let script = tmp.script(&[("question.wav", 300)], 3_000);
+    let (report, played) = run_device(config(&a.url(), &[]), script, sp).await;
+
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(s.inputs, vec!["How long will it take to get to work today"]);
+    assert_eq!(s.turns_completed, 1);
+    // The turn's audio reached speech-to-text: the question is about 2.5 s long.
+    let turns = stt.turns.lock().expect("turns").clone();
+    assert_eq!(turns.len(), 1);
+    assert!((2_000..4_500).contains(&turns[0]), "{turns:?}");
+    assert_eq!(report.user_texts, s.inputs);
+    // Sentence by sentence, in order, with the table read through its fallback.
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked,
+        vec![
+            "You said: How long will it take to get to work today.",
+            "Let me look that up.",
+            "Sales.",
+            "2 rows.",
+            "Region North, Q1 100.",
+            "Region South, Q1 200.",
+            "That is all I found.",
+        ]
+    );
+    assert_eq!(
+        report.components_spoken,
+        vec!["Sales. 2 rows. Region North, Q1 100. Region South, Q1 200."]
+    );
+    // Every word was played: 26 words at 120 ms (the tone), give or take a block.
+    let words: usize = asked.iter().map(|t| t.split_whitespace().count()).sum();
+    let expected = words * WORD_MS as usize;
+    let got = active_ms(&played);
+    assert!(
+        got + 100 >= expected && got <= expected + 1_000,
+        "played {got} ms, expected about {expected} ms (plus earcons)"
+    );
+    // The tool call played the "working" earcon, the answer ended after its speech was queued, and
+    // the device went back to listening.
+    let kinds: Vec<&EventKind> = report.events.iter().map(|e| &e.kind).collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, EventKind::AgentTool { name, .. } if name == "lookup"))
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, EventKind::AgentFinished { status, .. } if status == "ok"))
+    );
+    assert!(matches!(
+        kinds
+            .iter()
+            .rev()
+            .find(|k| matches!(k, EventKind::StateChange { .. })),
+        Some(EventKind::StateChange {
+            to: hearken::turn::State::Idle,
+            ..
+        })
+    ));
+    // The first sentence was spoken as soon as it was complete: its 11 words stream in at 30 ms
+    // each (about 330 ms), long before the answer's end (the tool alone takes 300 ms more).
+    assert_eq!(report.first_speech_us.len(), 1);
+    assert!(
+        (300_000..550_000).contains(&report.first_speech_us[0]),
+        "{:?}",
+        report.first_speech_us
+    );
+    assert_eq!(report.agent_connects, 1);
+}
+
+/// A long first sentence the user talks over; `delta_ms` sets whether the agent is still streaming
+/// it (the socket must close) or has already committed (only the speaker stops).
+/// Returns the report, the agent's record, what was synthesized for the first answer, and the
+/// sentences whose synthesis was cancelled.
+async fn barge_in(delta_ms: u64) -> (RunReport, agent::AgentStats, Vec<String>, Vec<String>) {
+    let tmp = Scratch::new(&format!("barge-{delta_ms}"));
+    let a = start_agent(AgentSettings {
+        reply: "You said: {text}. This answer goes on for a long while, with many words, so that \
+                the user has every reason to interrupt it before it is over, and the speaker is \
+                still busy speaking when the user starts to talk again."
+            .into(),
+        delta_ms,
+        ..AgentSettings::default()
+    })
+    .await;
+    // Synthesis a little faster than real time (30 ms per 40 ms chunk), as a streaming service
+    // delivers it: the long sentence is still being synthesized when the user speaks.
+    let (sp, _stt, tts) = speech_with(
+        &["What is the weather", "Stop wait a moment"],
+        ToneTts {
+            chunk_synth_ms: Some(30),
+            ..ToneTts::default()
+        },
+    );
+    let script = tmp.script(&[("question.wav", 300), ("barge_in.wav", 2_500)], 3_000);
+    let (report, _) = run_device(config(&a.url(), &[]), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(
+        report.barge_ins,
+        1,
+        "{:#?}",
+        report
+            .events
+            .iter()
+            .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(s.inputs, vec!["What is the weather", "Stop wait a moment"]);
+    assert_eq!(report.barge_in_flush_ms.len(), 1);
+    // Deliberate reconnects are not lost connections.
+    assert_eq!(report.agent_disconnects, 0);
+    assert_eq!(report.agent_connects, 1);
+    let asked = tts.asked.lock().expect("asked").clone();
+    let cancelled = tts.cancelled.lock().expect("cancelled").clone();
+    // What was synthesized for the first answer: nothing after the sentence the user talked over.
+    let second = asked
+        .iter()
+        .position(|t| t.starts_with("You said: Stop wait a moment"))
+        .expect("the second answer was spoken");
+    let first: Vec<String> = asked[..second].to_vec();
+    let after_long = first
+        .iter()
+        .skip_while(|t| !t.starts_with("This answer goes on"))
+        .skip(1)
+        .count();
+    assert_eq!(after_long, 0, "{asked:?}");
+    (report, s, first, cancelled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_while_the_agent_streams_closes_the_socket_and_the_next_turn_is_answered() {
+    // 150 ms a word: the agent is still streaming the long sentence when the user speaks.
+    let (_, s, first, _) = barge_in(150).await;
+    // The long sentence never completed: its late deltas were discarded with the connection.
+    assert_eq!(first, vec!["You said: What is the weather."]);
+    // ARP has no cancel: the socket closed mid-answer and a new connection took the next turn,
+    // with the same session id (the agent checks it).
+    assert_eq!(s.turns_cancelled, 1);
+    assert_eq!(s.connections, 2);
+    assert_eq!(s.turns_completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_after_the_commit_only_stops_the_speaker() {
+    // The answer is all in (commit) long before its speech ends: no reconnect is needed.
+    let (_, s, _, cancelled) = barge_in(10).await;
+    // The long sentence was being synthesized: that synthesis was cancelled at once.
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+    assert!(
+        cancelled[0].starts_with("This answer goes on"),
+        "{cancelled:?}"
+    );
+    assert_eq!(s.turns_cancelled, 0);
+    assert_eq!(s.connections, 1);
+    assert_eq!(s.turns_completed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_with_no_words_plays_the_error_earcon_and_sends_nothing() {
+    let tmp = Scratch::new("empty");
+    let a = start_agent(AgentSettings::default()).await;
+    let (sp, _, tts) = speech(&[""]);
+    let script = tmp.script(&[("one_utterance.wav", 300)], 1_500);
+    let (report, _) = run_device(config(&a.url(), &[]), script, sp).await;
+    assert_eq!(report.not_understood, 1);
+    assert!(a.stats().inputs.is_empty());
+    assert!(tts.asked.lock().expect("asked").is_empty());
+    assert!(report.events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::Earcon {
+            earcon: hearken::audio::earcon::Earcon::Error
+        }
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_dying_mid_answer_loses_no_turn() {
+    let tmp = Scratch::new("drop");
+    // The first connection dies after 3 deltas of the first answer.
+    let a = start_agent(AgentSettings {
+        drop_after_deltas: Some(3),
+        ..AgentSettings::default()
+    })
+    .await;
+    let (sp, _, _) = speech(&["Turn on the kitchen lights", "How long will it take"]);
+    let script = tmp.script(
+        &[("one_utterance.wav", 300), ("question.wav", 3_000)],
+        3_000,
+    );
+    let (report, _) = run_device(config(&a.url(), &[]), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert!(s.connections >= 2, "{s:?}");
+    assert_eq!(report.agent_disconnects, 1);
+    // The second turn reached the agent over the new connection and was answered.
+    assert_eq!(
+        s.inputs.last().map(String::as_str),
+        Some("How long will it take")
+    );
+    assert!(s.turns_completed >= 1);
+}
