@@ -57,11 +57,16 @@ pub struct DemoArgs {
     /// itself).
     #[arg(long)]
     pub no_echo: bool,
+    /// Protocol between the device and the built-in agent: haip (audio both ways) or arp (text both
+    /// ways, through speech-to-text and text-to-speech on the device).
+    #[arg(long, value_enum, default_value = "haip")]
+    pub protocol: AgentProtocol,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AgentProtocol {
     Haip,
+    Arp,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -8,6 +8,7 @@
 //! produces (lost and duplicated frames, a connection dropped mid-turn, an ignored cancel).
 //!
 //! - [`haip`]: HAIP 1.1.2 (`haiprotocol/haip@f8dfe4d`) over WebSocket, optionally behind TLS.
+//! - [`arp`]: ARP v1 Minimal Mode (arp-go `b36d884`) at `/_arp/v1`.
 //!
 //! Context: tokio. Every connection runs in its own task; nothing here blocks.
 
@@ -43,6 +44,18 @@ pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
                     }
                 );
                 haip::serve(listener, settings, None, shutdown).await?;
+            }
+            AgentProtocol::Arp => {
+                if args.token.is_some() {
+                    // ARP defines no authentication; a fronting proxy would check a token.
+                    anyhow::bail!("--token: ARP has no authentication (put a proxy in front)");
+                }
+                println!(
+                    "ARP v1 Minimal Mode agent on ws://{}{}",
+                    listener.local_addr()?,
+                    crate::protocol::arp::ARP_PATH
+                );
+                arp::serve(listener, arp::AgentSettings::default(), shutdown).await?;
             }
         }
         Ok(())
