@@ -6,11 +6,15 @@
 //! Context: tokio. Every call is cancellable through a [`CancellationToken`]: a barge-in cancels the
 //! synthesis in flight, and the backend stops at once (the child is killed, the socket dropped).
 
+pub mod wyoming;
+
 use std::future::Future;
 use std::pin::Pin;
 
 use tokio::sync::mpsc;
 pub use tokio_util::sync::CancellationToken;
+
+pub use wyoming::{WyomingInfo, WyomingStt, WyomingTts};
 
 /// Mono signed 16-bit PCM at `rate_hz`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
