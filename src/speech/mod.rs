@@ -6,6 +6,7 @@
 //! Context: tokio. Every call is cancellable through a [`CancellationToken`]: a barge-in cancels the
 //! synthesis in flight, and the backend stops at once (the child is killed, the socket dropped).
 
+pub mod command;
 pub mod wyoming;
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::pin::Pin;
 use tokio::sync::mpsc;
 pub use tokio_util::sync::CancellationToken;
 
+pub use command::{CommandStt, CommandTts, StdoutAudio};
 pub use wyoming::{WyomingInfo, WyomingStt, WyomingTts};
 
 /// Mono signed 16-bit PCM at `rate_hz`.
