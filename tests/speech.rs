@@ -281,6 +281,25 @@ async fn wyoming_info_lists_the_servers_programs() {
     // The STT client asks the same way.
     let again = WyomingStt::new(&server.uri).info().await.expect("info");
     assert_eq!(again, info);
+    // And the start-up report asks both configured services.
+    let config = hearken::config::Config::from_toml_str(
+        "",
+        "test",
+        &[
+            "stt.backend=wyoming".into(),
+            format!("stt.uri={}", server.uri),
+            "tts.backend=wyoming".into(),
+            format!("tts.uri={}", server.uri),
+        ],
+    )
+    .expect("config");
+    let report = hearken::speech::wyoming_info(&config).await;
+    let sections: Vec<&str> = report.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(sections, ["stt", "tts"]);
+    for (_, service, answer) in report {
+        assert_eq!(service, format!("wyoming {}", server.uri));
+        assert_eq!(answer.expect("info"), info);
+    }
 }
 
 #[tokio::test]

@@ -155,6 +155,26 @@ pub fn tts_from_config(config: &Config) -> Option<Arc<dyn TextToSpeech>> {
     }
 }
 
+/// What the configured Wyoming servers offer, for the start-up log: one entry (section, service,
+/// answer) for each of `[stt]` and `[tts]` whose backend is "wyoming", asked in turn. A server that is
+/// down gives its error here and is tried again at each call.
+pub async fn wyoming_info(
+    config: &Config,
+) -> Vec<(&'static str, String, Result<WyomingInfo, SpeechError>)> {
+    let mut out = Vec::new();
+    if config.stt.backend == SttBackend::Wyoming {
+        let stt = WyomingStt::new(&config.stt.uri)
+            .with_timeout(Duration::from_millis(config.stt.timeout_ms as u64));
+        out.push(("stt", stt.describe(), stt.info().await));
+    }
+    if config.tts.backend == TtsBackend::Wyoming {
+        let tts = WyomingTts::new(&config.tts.uri)
+            .with_timeout(Duration::from_millis(config.tts.timeout_ms as u64));
+        out.push(("tts", tts.describe(), tts.info().await));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +215,32 @@ mod tests {
             "command transcribe"
         );
         assert!(tts_from_config(&c).is_none());
+    }
+
+    #[tokio::test]
+    async fn wyoming_info_asks_only_wyoming_backends() {
+        assert!(wyoming_info(&config(&[])).await.is_empty());
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let uri = format!("tcp://127.0.0.1:{port}");
+        let c = config(&[
+            "stt.backend=wyoming",
+            &format!("stt.uri={uri}"),
+            "tts.backend=none",
+        ]);
+        let got = wyoming_info(&c).await;
+        assert_eq!(got.len(), 1);
+        let (section, service, answer) = &got[0];
+        assert_eq!(
+            (*section, service.as_str()),
+            ("stt", format!("wyoming {uri}").as_str())
+        );
+        assert!(
+            matches!(answer, Err(SpeechError::Unavailable { .. })),
+            "{answer:?}"
+        );
     }
 }
