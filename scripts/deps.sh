@@ -4,8 +4,14 @@
 #   pkg-config      how alsa-sys finds them
 #   cmake           builds the bundled libopus (opus crate)
 #   build-essential only when there is no C compiler (webrtc-vad, libopus and ring compile C)
-# plus the rustfmt and clippy components. Idempotent: checks first, installs only what is missing,
-# and touches nothing (no apt-get update) when everything is there. Runs as root or through sudo.
+#   espeak-ng       the speech tests' TTS (the default tts.command, and the test Wyoming server)
+#   python3, python3-venv  only when `python3 -m venv` cannot make a venv with pip
+# plus the rustfmt and clippy components, and a Python venv for the speech tests' real Wyoming server
+# (tests/wyoming_server.py): the official `wyoming` package and `pocketsphinx` (with its English model)
+# from PyPI, pinned, at $HEARKEN_SPEECH_VENV or else target/speech-venv (under $CARGO_TARGET_DIR when
+# that is set), where tests/speech.rs looks. A venv because Debian's python3 refuses a system-wide pip
+# install (PEP 668). Idempotent: checks first, installs only what is missing, and touches nothing (no
+# apt-get update, no pip) when everything is there. Runs as root or through sudo.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -35,9 +41,50 @@ if ! command -v dpkg >/dev/null 2>&1; then
     exit 1
 fi
 
-wanted=(libasound2-dev pkg-config cmake)
+# Pinned: the versions the speech tests were written against. wyoming is pure Python; pocketsphinx
+# has binary wheels for x86-64 and arm64 Linux, so nothing compiles there (32-bit ARM would build it
+# from source).
+SPEECH_PIP=(wyoming==1.10.2 pocketsphinx==5.1.1)
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HEARKEN_SPEECH_VENV:-${CARGO_TARGET_DIR:-$repo/target}/speech-venv}"
+# Relative to where cargo runs, as cargo takes a relative CARGO_TARGET_DIR.
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+
+# True when python3 can make a venv with pip in it (Debian splits ensurepip into python3-venv).
+venv_works() {
+    command -v python3 >/dev/null 2>&1 || return 1
+    local probe
+    probe="$(mktemp -d)"
+    if python3 -m venv "$probe/v" >/dev/null 2>&1 && [ -x "$probe/v/bin/pip" ]; then
+        rm -rf "$probe"
+        return 0
+    fi
+    rm -rf "$probe"
+    return 1
+}
+
+# True when the venv has exactly the pinned packages and they import.
+venv_ready() {
+    [ -x "$venv/bin/python" ] || return 1
+    "$venv/bin/python" - "${SPEECH_PIP[@]}" >/dev/null 2>&1 <<'PY'
+import sys
+from importlib.metadata import version
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    if version(name) != want:
+        sys.exit(1)
+import wyoming.server, pocketsphinx  # noqa: E401,F401
+PY
+}
+
+wanted=(libasound2-dev pkg-config cmake espeak-ng)
 if ! command -v cc >/dev/null 2>&1; then
     wanted+=(build-essential)
+fi
+# Only when it would be used: an existing venv needs no python3-venv.
+if ! venv_ready && ! venv_works; then
+    command -v python3 >/dev/null 2>&1 || wanted+=(python3)
+    wanted+=(python3-venv)
 fi
 
 missing=()
@@ -66,4 +113,15 @@ elif command -v rustup >/dev/null 2>&1; then
 else
     say "cargo fmt / cargo clippy missing and no rustup: install rustfmt and clippy for this toolchain" >&2
     exit 1
+fi
+
+if venv_ready; then
+    say "speech test venv present: $venv (${SPEECH_PIP[*]})"
+else
+    say "making the speech test venv: $venv (${SPEECH_PIP[*]})"
+    # --clear: a half-made or outdated venv is rebuilt rather than patched.
+    python3 -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${SPEECH_PIP[@]}"
+    venv_ready || { say "the speech test venv at $venv is still incomplete" >&2; exit 1; }
+    say "speech test venv ready"
 fi

@@ -88,6 +88,8 @@ pub struct FileConfig {
     pub agent: AgentConfig,
     pub render: RenderConfig,
     pub health: HealthConfig,
+    pub stt: SttConfig,
+    pub tts: TtsConfig,
     pub log: LogConfig,
 }
 
@@ -446,6 +448,102 @@ impl Default for AgentConfig {
     }
 }
 
+/// Which speech-to-text service turns the user's turn into text (for the text-only protocols).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SttBackend {
+    /// No speech-to-text.
+    None,
+    /// A Wyoming server (wyoming-faster-whisper, wyoming-vosk, ...) at `stt.uri`.
+    Wyoming,
+    /// A local program (`stt.command`) that reads a WAV on stdin and prints the text.
+    Command,
+}
+
+/// Which text-to-speech service speaks the agent's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TtsBackend {
+    /// No text-to-speech.
+    None,
+    /// A Wyoming server (wyoming-piper, ...) at `tts.uri`.
+    Wyoming,
+    /// A local program (`tts.command`) that reads the text on stdin and writes audio on stdout.
+    Command,
+}
+
+/// What the `tts.command` program writes on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TtsOutput {
+    /// A WAV stream (16-bit PCM); a data length of 0 or 0xFFFFFFFF, or longer than what arrives, means
+    /// "until the end of the stream" (what streaming writers such as espeak-ng put there).
+    Wav,
+    /// Headerless signed 16-bit little-endian mono at `tts.raw_rate_hz` (e.g. `piper --output_raw`).
+    Raw,
+}
+
+/// Speech-to-text (`[stt]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SttConfig {
+    pub backend: SttBackend,
+    /// Wyoming server, `tcp://host:port`.
+    pub uri: String,
+    /// Program and arguments for the command backend; the turn arrives on stdin as a 16-bit mono WAV,
+    /// the text is read from stdout.
+    pub command: Vec<String>,
+    /// Language code passed to the Wyoming server ("en", "de"); empty: the server's default.
+    pub language: String,
+    /// Longest wait for the transcript after the end of the turn.
+    pub timeout_ms: u32,
+}
+
+impl Default for SttConfig {
+    fn default() -> Self {
+        SttConfig {
+            backend: SttBackend::None,
+            uri: "tcp://127.0.0.1:10300".into(),
+            command: Vec::new(),
+            language: String::new(),
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Text-to-speech (`[tts]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtsConfig {
+    pub backend: TtsBackend,
+    /// Wyoming server, `tcp://host:port`.
+    pub uri: String,
+    /// Voice name asked of the Wyoming server (as its `info` lists them); empty: the server's default.
+    pub voice: String,
+    /// Program and arguments for the command backend; the text goes to its stdin.
+    pub command: Vec<String>,
+    /// What the command writes on stdout.
+    pub output: TtsOutput,
+    /// Sample rate of `output = "raw"`.
+    pub raw_rate_hz: u32,
+    /// Longest wait for the next piece of audio (the first one, or the next one of a long text).
+    pub timeout_ms: u32,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        TtsConfig {
+            backend: TtsBackend::Command,
+            uri: "tcp://127.0.0.1:10200".into(),
+            voice: String::new(),
+            command: vec!["espeak-ng".into(), "--stdout".into()],
+            output: TtsOutput::Wav,
+            raw_rate_hz: 22_050,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -796,6 +894,45 @@ impl Config {
             600_000,
         )?;
         range("agent.buffer_ms", c.agent.buffer_ms, 0, 300_000)?;
+        // Speech services: the URIs are checked even when their backend is off, so switching the
+        // backend on later cannot reveal a typo only at the first turn.
+        for (key, uri) in [("stt.uri", &c.stt.uri), ("tts.uri", &c.tts.uri)] {
+            if let Err(why) = parse_tcp_uri(uri) {
+                return Err(err(key, why));
+            }
+        }
+        let program_missing = |argv: &[String]| argv.first().is_none_or(|p| p.trim().is_empty());
+        if c.stt.backend == SttBackend::Command && program_missing(&c.stt.command) {
+            return Err(err(
+                "stt.command",
+                "must not be empty when stt.backend = \"command\" (e.g. [\"whisper-stdin\", \"--model\", \"base.en\"])"
+                    .into(),
+            ));
+        }
+        if !c
+            .stt
+            .language
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            return Err(err(
+                "stt.language",
+                format!(
+                    "must be a language code such as \"en\" or \"pt-BR\" (or empty), got {:?}",
+                    c.stt.language
+                ),
+            ));
+        }
+        range("stt.timeout_ms", c.stt.timeout_ms, 1_000, 600_000)?;
+        if c.tts.backend == TtsBackend::Command && program_missing(&c.tts.command) {
+            return Err(err(
+                "tts.command",
+                "must not be empty when tts.backend = \"command\" (e.g. [\"espeak-ng\", \"--stdout\"])"
+                    .into(),
+            ));
+        }
+        range("tts.raw_rate_hz", c.tts.raw_rate_hz, 8_000, 192_000)?;
+        range("tts.timeout_ms", c.tts.timeout_ms, 1_000, 600_000)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
             return Err(err("log.level", format!("not a valid filter: {e}")));
         }
@@ -841,6 +978,42 @@ fn parse_value(raw: &str) -> toml::Value {
     match doc.parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Split a Wyoming service URI, `tcp://host:port` (host a name, an IPv4 address or `[IPv6]`), into
+/// host and port. The error says what is wrong, for the message that names the key.
+pub fn parse_tcp_uri(uri: &str) -> Result<(String, u16), String> {
+    let bad = |why: &str| format!("must be tcp://host:port ({why}), got {uri:?}");
+    let rest = uri
+        .strip_prefix("tcp://")
+        .ok_or_else(|| bad("only tcp:// is supported"))?;
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(bad("no path, query or user part"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in the host"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad("not an IPv6 address in [ ]"));
+        }
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| bad("the port is missing"))?;
+        (host, port)
+    } else {
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("the port is missing"))?;
+        if host.is_empty() || host.contains(':') {
+            return Err(bad("the host is missing, or an IPv6 address without [ ]"));
+        }
+        (host, port)
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok((host.to_string(), p)),
+        _ => Err(bad("the port must be 1-65535")),
     }
 }
 
@@ -970,6 +1143,20 @@ mod tests {
             reconnect_min_ms = 500
             reconnect_max_ms = 10000
             buffer_ms = 5000
+            [stt]
+            backend = "command"
+            uri = "tcp://[::1]:10301"
+            command = ["whisper-stdin", "--model", "base.en"]
+            language = "de"
+            timeout_ms = 5000
+            [tts]
+            backend = "wyoming"
+            uri = "tcp://piper.local:10201"
+            voice = "en_US-lessac-medium"
+            command = ["piper", "--output_raw"]
+            output = "raw"
+            raw_rate_hz = 16000
+            timeout_ms = 10000
             [log]
             level = "hearken=debug"
             format = "json"
@@ -1048,6 +1235,22 @@ mod tests {
                 "agent.liveness_timeout_s",
             ),
             ("[agent]\nreconnect_max_ms = 100", "agent.reconnect_max_ms"),
+            ("[stt]\nbackend = \"whisper\"", "stt.backend"),
+            ("[stt]\nuri = \"http://127.0.0.1:10300\"", "stt.uri"),
+            ("[stt]\nuri = \"tcp://127.0.0.1\"", "stt.uri"),
+            ("[stt]\nbackend = \"command\"", "stt.command"),
+            (
+                "[stt]\nbackend = \"command\"\ncommand = [\"\"]",
+                "stt.command",
+            ),
+            ("[stt]\nlanguage = \"en us\"", "stt.language"),
+            ("[stt]\ntimeout_ms = 100", "stt.timeout_ms"),
+            ("[tts]\nuri = \"tcp://host:0\"", "tts.uri"),
+            ("[tts]\nuri = \"tcp://[::1:10200\"", "tts.uri"),
+            ("[tts]\ncommand = []", "tts.command"),
+            ("[tts]\noutput = \"mp3\"", "tts.output"),
+            ("[tts]\nraw_rate_hz = 1000", "tts.raw_rate_hz"),
+            ("[tts]\ntimeout_ms = 900000", "tts.timeout_ms"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[log]\nlevel = \"hearken=loud\"", "log.level"),
         ];
@@ -1108,6 +1311,35 @@ mod tests {
             assert!(!is_loopback_url(u), "{u}");
         }
         assert!(load("[agent]\nurl = \"ws://127.0.0.1:9000/haip\"").is_ok());
+    }
+
+    #[test]
+    fn tcp_uris() {
+        for (uri, host, port) in [
+            ("tcp://127.0.0.1:10300", "127.0.0.1", 10300),
+            ("tcp://whisper.local:1", "whisper.local", 1),
+            ("tcp://[::1]:10200", "::1", 10200),
+        ] {
+            assert_eq!(parse_tcp_uri(uri), Ok((host.to_string(), port)), "{uri}");
+        }
+        for uri in [
+            "127.0.0.1:10300",
+            "unix:///run/whisper.sock",
+            "tcp://:10300",
+            "tcp://host",
+            "tcp://host:",
+            "tcp://host:65536",
+            "tcp://host:10300/",
+            "tcp://[::1]",
+            "tcp://::1:10300",
+            "tcp://[nope]:1",
+        ] {
+            let e = parse_tcp_uri(uri).expect_err(uri);
+            assert!(e.contains("tcp://host:port"), "{uri}: {e}");
+        }
+        // Switching a backend to "none" keeps the rest valid; the command may then be empty.
+        assert!(load("[tts]\nbackend = \"none\"\ncommand = []").is_ok());
+        assert!(load("[stt]\nbackend = \"wyoming\"").is_ok());
     }
 
     #[test]
