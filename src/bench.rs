@@ -247,8 +247,10 @@ fn find_fixture(arg: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
-    if let Some(crate::cli::BenchCommand::BargeIn { set }) = &args.what {
-        return barge_in(config, set.as_deref());
+    match &args.what {
+        Some(crate::cli::BenchCommand::BargeIn { set }) => return barge_in(config, set.as_deref()),
+        Some(crate::cli::BenchCommand::Speech) => return speech(config, args.reps),
+        None => {}
     }
     let fixture = find_fixture(args.input.as_ref())?;
     let b = BenchInput::from_wav(&fixture, args.seconds, config)?;
@@ -493,4 +495,133 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The first sentence the speech benchmark speaks.
+const SPEECH_SENTENCE: &str = "The weather today is sunny with a light breeze from the west.";
+
+/// Speech-to-text is not part of the speech benchmark.
+struct NoStt;
+
+impl crate::speech::SpeechToText for NoStt {
+    fn describe(&self) -> String {
+        "none".into()
+    }
+    fn transcribe<'a>(
+        &'a self,
+        _rate_hz: u32,
+        _audio: tokio::sync::mpsc::Receiver<Vec<i16>>,
+        _cancel: crate::speech::CancellationToken,
+    ) -> crate::speech::SpeechFuture<'a, crate::speech::Transcript> {
+        Box::pin(async {
+            Err(crate::speech::SpeechError::Failed {
+                service: "none".into(),
+                reason: "the speech benchmark does not transcribe".into(),
+            })
+        })
+    }
+}
+
+/// `hearken bench speech`: the first agent delta to the first synthesized audio at the speaker, through
+/// the renderer and the voice bridge, against the first sentence's own synthesis time (same backend,
+/// same text, same run).
+fn speech(config: &Config, reps: u32) -> anyhow::Result<()> {
+    use crate::protocol::Downlink as Down;
+    use std::time::Duration;
+    let tts = crate::speech::tts_from_config(config)
+        .context("tts.backend = \"none\": nothing to measure")?;
+    let reps = reps.max(3);
+    println!(
+        "hearken bench speech: text-to-speech {}, {reps} runs each, first sentence: \"{SPEECH_SENTENCE}\"",
+        tts.describe()
+    );
+    let rt = crate::service::runtime()?;
+    rt.block_on(async {
+        let mut first_chunk = Vec::new();
+        let mut whole = Vec::new();
+        for _ in 0..reps {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let t = Instant::now();
+            let synth = tts.synthesize(SPEECH_SENTENCE, tx, crate::speech::CancellationToken::new());
+            let drain = async {
+                let mut first = None;
+                while rx.recv().await.is_some() {
+                    first.get_or_insert_with(|| t.elapsed());
+                }
+                first
+            };
+            let (r, first) = tokio::join!(synth, drain);
+            r.context("synthesis of the benchmark sentence")?;
+            first_chunk.push(first.context("no audio")?);
+            whole.push(t.elapsed());
+        }
+        let mut bridged = Vec::new();
+        for rep in 0..reps {
+            let (audio_tx, mut audio_rx) = tokio::sync::mpsc::channel(256);
+            let player = crate::link::Player {
+                audio: audio_tx,
+                flush: crate::audio::rt::FlushHandle::default(),
+            };
+            let speech = crate::voice::Speech {
+                stt: std::sync::Arc::new(NoStt),
+                tts: tts.clone(),
+            };
+            let (mut bridge, _events) =
+                crate::voice::VoiceBridge::new(speech, config.render_settings(), player);
+            let id = format!("bench-{rep}");
+            let t = Instant::now();
+            let _ = bridge.downlink(Down::ResponseStarted { id: id.clone() });
+            let _ = bridge.downlink(Down::TextDelta {
+                message_id: id.clone(),
+                text: format!("{SPEECH_SENTENCE} Later"),
+            });
+            let first = tokio::time::timeout(Duration::from_secs(30), audio_rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .context("no audio reached the speaker queue")?;
+            bridged.push(t.elapsed());
+            drop(first);
+            let _ = bridge.downlink(Down::TextDelta {
+                message_id: id.clone(),
+                text: " it will rain.".into(),
+            });
+            let _ = bridge.downlink(Down::ResponseFinished {
+                id,
+                status: crate::protocol::FinishStatus::Ok,
+            });
+            // Let the rest play out so the next run starts quiet.
+            while tokio::time::timeout(Duration::from_millis(500), audio_rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {}
+        }
+        let med = |v: &mut Vec<Duration>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let (fc, wh, br) = (med(&mut first_chunk), med(&mut whole), med(&mut bridged));
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "the sentence synthesized on its own: first audio after {:.1} ms, all of it after {:.1} ms (medians)",
+            ms(fc),
+            ms(wh)
+        );
+        let overhead = ms(br) - ms(fc);
+        println!(
+            "first agent delta -> first synthesized audio at the speaker queue: {:.1} ms (median); \
+             beyond the sentence's own first audio: {overhead:+.1} ms, ratio {:.3} \
+             (target: its synthesis time plus under 20 ms: {})",
+            ms(br),
+            ms(br) / ms(fc).max(0.001),
+            if overhead < 20.0 { "met" } else { "NOT met" }
+        );
+        println!(
+            "(the DSP worker plays what reaches its queue at its next 10 ms tick; `hearken demo \
+             --protocol arp` reports the same figure per answer)"
+        );
+        anyhow::Ok(())
+    })
 }

@@ -120,6 +120,9 @@ pub enum BenchCommand {
         #[arg(value_name = "DIR", id = "eval_set")]
         set: Option<PathBuf>,
     },
+    /// Text-to-speech through the renderer: the first agent delta to the first synthesized audio at
+    /// the speaker, against the first sentence's own synthesis time ([tts], espeak-ng by default).
+    Speech,
 }
 
 #[derive(Debug, Args, Clone)]

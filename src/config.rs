@@ -868,6 +868,24 @@ impl Config {
                 ),
             ));
         }
+        if c.agent.protocol.text_only() && !c.agent.url.is_empty() {
+            if c.stt.backend == SttBackend::None {
+                return Err(err(
+                    "stt.backend",
+                    "agent.protocol = \"arp\" carries only text: the user's turns need a \
+                     speech-to-text service (\"wyoming\" or \"command\")"
+                        .into(),
+                ));
+            }
+            if c.tts.backend == TtsBackend::None {
+                return Err(err(
+                    "tts.backend",
+                    "agent.protocol = \"arp\" carries only text: the agent's answers need a \
+                     text-to-speech service (\"command\" or \"wyoming\")"
+                        .into(),
+                ));
+            }
+        }
         range(
             "render.max_spoken_chars",
             c.render.max_spoken_chars,
@@ -1185,6 +1203,22 @@ mod tests {
                 assert_ne!(Some(&v), lk.get(&k), "{section}.{k} kept its default");
             }
         }
+    }
+
+    #[test]
+    fn a_text_only_protocol_needs_speech_services() {
+        let arp = "[agent]\nprotocol = \"arp\"\nurl = \"ws://127.0.0.1:8080/_arp/v1\"\n";
+        let e = load(arp).unwrap_err();
+        assert_eq!(e.key(), Some("stt.backend"), "{e}");
+        let e = load(&format!(
+            "{arp}[stt]\nbackend = \"wyoming\"\n[tts]\nbackend = \"none\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key(), Some("tts.backend"), "{e}");
+        let ok = load(&format!("{arp}[stt]\nbackend = \"wyoming\"\n")).expect("valid");
+        assert!(ok.agent.protocol.text_only());
+        // Without an agent (a mic check) nothing is needed.
+        load("[agent]\nprotocol = \"arp\"\n").expect("no url, no speech needed");
     }
 
     #[test]

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
                 live: args.live,
                 output: args.output,
                 echo: !args.no_echo,
+                protocol: args.protocol,
             },
         ),
         Command::Agent(args) => hearken::agent::run_cli(&args),

@@ -54,8 +54,15 @@ pub struct Speech {
 
 impl Speech {
     /// The services the config's `[stt]` and `[tts]` sections name.
-    pub fn from_config(_config: &crate::config::Config) -> anyhow::Result<Speech> {
-        anyhow::bail!("speech backends are not part of this build yet")
+    pub fn from_config(config: &crate::config::Config) -> anyhow::Result<Speech> {
+        let stt = crate::speech::stt_from_config(config).ok_or_else(|| {
+            anyhow::anyhow!("stt.backend = \"none\": set a speech-to-text service")
+        })?;
+        let tts = crate::speech::tts_from_config(config).ok_or_else(|| {
+            anyhow::anyhow!("tts.backend = \"none\": set a text-to-speech service")
+        })?;
+        tracing::info!(stt = %stt.describe(), tts = %tts.describe(), "speech services");
+        Ok(Speech { stt, tts })
     }
 }
 
