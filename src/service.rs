@@ -295,10 +295,26 @@ pub async fn run(
     let agent = !config.agent.url.is_empty();
     let speech = match opts.speech {
         Some(s) => Some(s),
-        None if agent && config.agent.protocol.text_only() => Some(
-            crate::voice::Speech::from_config(&config)
-                .context("a text-only protocol needs speech services ([stt] and [tts])")?,
-        ),
+        None if agent && config.agent.protocol.text_only() => {
+            // What the Wyoming services offer, in the log; one that is down is retried per call.
+            let c = config.clone();
+            tokio::spawn(async move {
+                for (section, service, info) in crate::speech::wyoming_info(&c).await {
+                    match info {
+                        Ok(i) => {
+                            tracing::info!(section, %service, offers = %i.summary(), "speech service")
+                        }
+                        Err(e) => {
+                            tracing::warn!(section, %service, error = %e, "speech service not reachable yet")
+                        }
+                    }
+                }
+            });
+            Some(
+                crate::voice::Speech::from_config(&config)
+                    .context("a text-only protocol needs speech services ([stt] and [tts])")?,
+            )
+        }
         None => None,
     };
     let handle = worker::spawn(

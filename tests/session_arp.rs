@@ -154,6 +154,9 @@ impl TextToSpeech for ToneTts {
 fn config(url: &str, extra: &[&str]) -> Config {
     let mut o = vec![
         "agent.protocol=\"arp\"".to_string(),
+        // Validation wants a speech-to-text service for ARP; the tests hand their doubles to the
+        // run instead (RunOptions::speech), so this one is never called.
+        "stt.backend=\"wyoming\"".to_string(),
         format!("agent.url=\"{url}\""),
         "agent.reconnect_min_ms=200".to_string(),
         "agent.reconnect_max_ms=2000".to_string(),
