@@ -24,8 +24,8 @@ use crate::protocol::arp::{ArpClient, ArpSettings};
 use crate::protocol::haip::{HaipClient, HaipSettings};
 use crate::protocol::{AudioCodec, CodecStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
-use crate::transport::Backoff;
-use crate::transport::ws::{self, WsConnection, WsSettings};
+use crate::transport::ws::{self, WsSettings};
+use crate::transport::{AgentConnection, Backoff};
 use crate::voice::{Speech, VoiceBridge, VoiceEvent};
 
 /// A command for the link.
@@ -267,7 +267,7 @@ impl Link {
                 r = ws::connect(&settings) => match r {
                     Ok(conn) => {
                         tracing::info!(url = %self.config.agent.url, "connected to the agent");
-                        self.serve(conn, token).await
+                        self.serve(Box::new(conn), token).await
                     }
                     Err(e) => End::Lost { reason: e.to_string(), auth: e.is_auth() },
                 },
@@ -425,7 +425,7 @@ impl Link {
 
     async fn send_all(
         &self,
-        conn: &mut WsConnection,
+        conn: &mut dyn AgentConnection,
         wires: Vec<Wire>,
         meta: Option<FrameMeta>,
         turn_end: bool,
@@ -449,7 +449,11 @@ impl Link {
         Ok(())
     }
 
-    async fn handle_decoded(&mut self, conn: &mut WsConnection, d: Decoded) -> Result<(), End> {
+    async fn handle_decoded(
+        &mut self,
+        conn: &mut dyn AgentConnection,
+        d: Decoded,
+    ) -> Result<(), End> {
         for e in d.events {
             // Text-only protocols: text and components are spoken; the end of an answer waits for
             // its speech; late events of a cancelled answer go no further.
@@ -547,7 +551,11 @@ impl Link {
         }
     }
 
-    async fn serve(&mut self, conn: WsConnection, token: Option<crate::config::Secret>) -> End {
+    async fn serve(
+        &mut self,
+        conn: Box<dyn AgentConnection>,
+        token: Option<crate::config::Secret>,
+    ) -> End {
         let mut codec = self.new_codec();
         if !self.quiet_reconnect {
             self.totals.connections += 1;
@@ -564,7 +572,7 @@ impl Link {
     async fn serve_with(
         &mut self,
         codec: &mut dyn Protocol,
-        mut conn: WsConnection,
+        mut conn: Box<dyn AgentConnection>,
         token: Option<crate::config::Secret>,
     ) -> End {
         let a = self.config.agent.clone();
@@ -575,7 +583,7 @@ impl Link {
                 .map_or(0, |d| d.as_millis() as u64),
         };
         let hello = codec.open(self.now_ms(), &info);
-        if let Err(e) = self.send_all(&mut conn, hello, None, false).await {
+        if let Err(e) = self.send_all(conn.as_mut(), hello, None, false).await {
             return e;
         }
         if let Some(session) = codec.ready_on_open() {
@@ -590,7 +598,7 @@ impl Link {
         while let Some(cmd) = pending.pop_front() {
             match codec.encode(self.now_ms(), cmd.up.clone()) {
                 Ok(w) => {
-                    if let Err(e) = self.send_all(&mut conn, w, None, false).await {
+                    if let Err(e) = self.send_all(conn.as_mut(), w, None, false).await {
                         // Keep this item and every one after it for the next connection.
                         self.unanswered.push_back(cmd);
                         self.unanswered.extend(pending);
@@ -629,7 +637,7 @@ impl Link {
                         return End::Shutdown;
                     };
                     match self.intake(cmd) {
-                        Some(cmd) => self.send_cmd(codec, &mut conn, cmd).await,
+                        Some(cmd) => self.send_cmd(codec, conn.as_mut(), cmd).await,
                         None => Ok(()),
                     }
                 }
@@ -638,7 +646,7 @@ impl Link {
                     if let Some(ev) = ev {
                         for cmd in self.on_voice(ev).await {
                             if r.is_ok() {
-                                r = self.send_cmd(codec, &mut conn, cmd).await;
+                                r = self.send_cmd(codec, conn.as_mut(), cmd).await;
                             } else {
                                 self.keep(cmd);
                             }
@@ -650,7 +658,7 @@ impl Link {
                     None => Err(End::Lost { reason: "connection closed".into(), auth: false }),
                     Some(Err(e)) => Err(End::Lost { reason: e.to_string(), auth: e.is_auth() }),
                     Some(Ok(wire)) => match codec.decode(self.now_ms(), wire) {
-                        Ok(d) => self.handle_decoded(&mut conn, d).await,
+                        Ok(d) => self.handle_decoded(conn.as_mut(), d).await,
                         Err(e) => {
                             tracing::warn!(error = %e, "skipped a frame from the agent");
                             self.emit(LinkEvent::Skipped { reason: e.to_string() }).await;
@@ -665,10 +673,10 @@ impl Link {
                 _ = tokio::time::sleep(Duration::from_millis(deadline)) => {
                     let w = codec.poll(self.now_ms());
                     let events = codec.take_events();
-                    match self.send_all(&mut conn, w, None, false).await {
+                    match self.send_all(conn.as_mut(), w, None, false).await {
                         Ok(()) => {
                             let d = Decoded { events, replies: Vec::new() };
-                            self.handle_decoded(&mut conn, d).await
+                            self.handle_decoded(conn.as_mut(), d).await
                         }
                         Err(e) => Err(e),
                     }
@@ -695,7 +703,7 @@ impl Link {
     async fn send_cmd(
         &mut self,
         codec: &mut dyn Protocol,
-        conn: &mut WsConnection,
+        conn: &mut dyn AgentConnection,
         cmd: LinkCmd,
     ) -> Result<(), End> {
         let turn_end = matches!(cmd.up, Uplink::TurnEnd { .. });

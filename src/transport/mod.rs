@@ -10,7 +10,32 @@
 
 pub mod ws;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::protocol::Wire;
+pub use ws::TransportError;
+
+/// A boxed future, so [`AgentConnection`] stays object-safe.
+pub type TransportFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One open connection to the agent as the link sees it: frames out, frames in. Each transport
+/// (WebSocket; HTTP POST + SSE; a child's stdio) maps its own framing onto [`Wire`] frames, so the link
+/// and the codecs above it never see sockets. Thread contract: used from the link task only; `recv`
+/// must be cancel-safe (the link polls it in a `select!` and may drop the future between frames).
+pub trait AgentConnection: Send {
+    /// Send one frame; an error means the connection is lost.
+    fn send(&mut self, frame: Wire) -> TransportFuture<'_, Result<(), TransportError>>;
+    /// The next frame; `None` when the agent closed the connection.
+    fn recv(&mut self) -> TransportFuture<'_, Option<Result<Wire, TransportError>>>;
+    /// A transport-level keepalive (WebSocket ping), where the transport has one.
+    fn ping(&mut self) -> TransportFuture<'_, ()>;
+    /// Close politely (bounded in time).
+    fn close(&mut self) -> TransportFuture<'_, ()>;
+    /// When anything last came from the agent (liveness).
+    fn last_rx(&self) -> Instant;
+}
 
 /// A connection that lasted at least this long counts as stable: the next failure starts the backoff
 /// from the beginning again. Shorter ones keep growing it, so a server that accepts and then drops

@@ -315,6 +315,24 @@ impl WsConnection {
 }
 
 /// Open a connection. See the module doc for the steps.
+impl super::AgentConnection for WsConnection {
+    fn send(&mut self, frame: Wire) -> super::TransportFuture<'_, Result<(), TransportError>> {
+        Box::pin(WsConnection::send(self, frame))
+    }
+    fn recv(&mut self) -> super::TransportFuture<'_, Option<Result<Wire, TransportError>>> {
+        Box::pin(WsConnection::recv(self))
+    }
+    fn ping(&mut self) -> super::TransportFuture<'_, ()> {
+        Box::pin(WsConnection::ping(self))
+    }
+    fn close(&mut self) -> super::TransportFuture<'_, ()> {
+        Box::pin(WsConnection::close(self))
+    }
+    fn last_rx(&self) -> Instant {
+        WsConnection::last_rx(self)
+    }
+}
+
 pub async fn connect(s: &WsSettings) -> Result<WsConnection, TransportError> {
     let url = WsUrl::parse(&s.url)?;
     if !url.tls && !s.allow_insecure && !is_loopback_url(&s.url) {
