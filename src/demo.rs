@@ -242,14 +242,14 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
 
 /// A local Wyoming server (pocketsphinx speech-to-text) the ARP demo starts when no `[stt]` service
 /// is configured. Killed when dropped.
-struct SpeechServer {
+pub struct SpeechServer {
     _child: tokio::process::Child,
 }
 
 /// Speech services for the ARP demo: `[tts]` (espeak-ng by default), and `[stt]` or, when that is
 /// "none", the Wyoming server of `tests/wyoming_server.py` on pocketsphinx, in the venv that
 /// `scripts/deps.sh` makes.
-async fn demo_speech(config: &Config) -> anyhow::Result<(Speech, Option<SpeechServer>)> {
+pub async fn demo_speech(config: &Config) -> anyhow::Result<(Speech, Option<SpeechServer>)> {
     let tts = crate::speech::tts_from_config(config).context(
         "tts.backend = \"none\": the ARP demo speaks its answers, it needs text-to-speech",
     )?;

@@ -432,3 +432,58 @@ async fn the_agent_dying_mid_answer_loses_no_turn() {
     );
     assert!(s.turns_completed >= 1);
 }
+
+/// Whether `program` runs at all (for the one test that needs real speech services).
+fn runs(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_speech_services_a_turn_through_pocketsphinx_and_espeak_ng() {
+    if !runs("python3") || !runs("espeak-ng") {
+        eprintln!(
+            "SKIPPED real_speech_services: python3 or espeak-ng is not installed (scripts/deps.sh installs them)"
+        );
+        return;
+    }
+    let tmp = Scratch::new("real");
+    let a = start_agent(AgentSettings::default()).await;
+    // What `hearken demo --protocol arp` uses: espeak-ng through the command backend, and
+    // pocketsphinx behind the local Wyoming server (tests/wyoming_server.py, on the official
+    // `wyoming` package) in the venv scripts/deps.sh makes.
+    let base = Config::from_toml_str("", "test", &[]).expect("config");
+    let (sp, _server) = hearken::demo::demo_speech(&base)
+        .await
+        .expect("speech services (run scripts/deps.sh for the venv)");
+    let script = tmp.script(&[("question.wav", 300)], 9_000);
+    let (report, played) = run_device(config(&a.url(), &[]), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(report.not_understood, 0);
+    assert_eq!(report.user_texts.len(), 1, "{:?}", report.user_texts);
+    assert_eq!(s.inputs, report.user_texts);
+    // pocketsphinx's general model on espeak-ng's voice in the fixture: most words, not all.
+    let said = "how long will it take to get to work today";
+    let heard = report.user_texts[0].to_lowercase();
+    let hits = said
+        .split_whitespace()
+        .filter(|w| heard.split_whitespace().any(|h| h == *w))
+        .count();
+    assert!(
+        hits * 10 >= said.split_whitespace().count() * 4,
+        "heard {heard:?}"
+    );
+    assert_eq!(s.turns_completed, 1);
+    // The answer was spoken: espeak-ng's speech of four sentences and a table is many seconds long.
+    assert!(
+        active_ms(&played) > 4_000,
+        "played {} ms",
+        active_ms(&played)
+    );
+    assert_eq!(report.first_speech_us.len(), 1);
+}
