@@ -11,10 +11,9 @@
 //!
 //! Context: tokio; each connection is a task.
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -91,88 +90,18 @@ pub struct AgentStats {
     pub violations: Vec<String>,
 }
 
-#[derive(Clone, Default)]
-pub struct AgentLog(Arc<Mutex<AgentStats>>);
+/// The agent's shared record ([`AgentStats`]).
+pub type AgentLog = super::SharedLog<AgentStats>;
 
 impl AgentLog {
-    fn lock(&self) -> MutexGuard<'_, AgentStats> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn snapshot(&self) -> AgentStats {
-        self.lock().clone()
-    }
-
-    fn update(&self, f: impl FnOnce(&mut AgentStats)) {
-        f(&mut self.lock());
-    }
-
     fn violation(&self, conn: u64, what: String) {
         tracing::warn!(conn, %what, "ARP violation by the device");
         self.update(|s| s.violations.push(format!("conn {conn}: {what}")));
     }
-
-    /// Waits until `pred` holds (true) or `timeout` passes (false).
-    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&AgentStats) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if pred(&self.lock()) {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
 }
 
-impl fmt::Debug for AgentLog {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.lock().fmt(f)
-    }
-}
-
-/// A running agent (from [`spawn`]). Dropping it shuts the agent down.
-pub struct AgentHandle {
-    addr: SocketAddr,
-    log: AgentLog,
-    shutdown: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
-}
-
-impl AgentHandle {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// `ws://<addr>/_arp/v1`.
-    pub fn url(&self) -> String {
-        format!("ws://{}{ARP_PATH}", self.addr)
-    }
-
-    pub fn log(&self) -> &AgentLog {
-        &self.log
-    }
-
-    pub fn stats(&self) -> AgentStats {
-        self.log.snapshot()
-    }
-
-    pub async fn shutdown(mut self) -> io::Result<()> {
-        let _ = self.shutdown.send(true);
-        match self.task.take() {
-            Some(task) => task.await.map_err(io::Error::other)?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for AgentHandle {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-    }
-}
+/// A running agent (from [`spawn`]); its url is `ws://<addr>/_arp/v1`. Dropping it shuts it down.
+pub type AgentHandle = super::AgentHandle<AgentStats>;
 
 /// Binds `addr`, serves ARP in a background task.
 pub async fn spawn(addr: SocketAddr, settings: AgentSettings) -> io::Result<AgentHandle> {
@@ -181,12 +110,13 @@ pub async fn spawn(addr: SocketAddr, settings: AgentSettings) -> io::Result<Agen
     let (tx, rx) = watch::channel(false);
     let log = AgentLog::default();
     let task = tokio::spawn(serve_with_log(listener, settings, rx, log.clone()));
-    Ok(AgentHandle {
-        addr: local,
+    Ok(AgentHandle::new(
+        local,
+        format!("ws://{local}{ARP_PATH}"),
         log,
-        shutdown: tx,
-        task: Some(task),
-    })
+        tx,
+        task,
+    ))
 }
 
 /// Serves ARP on `listener` until `shutdown` turns true.

@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -262,51 +262,12 @@ pub struct AgentStats {
 }
 
 /// The agent's shared, cloneable record of what happened ([`AgentStats`]).
-#[derive(Clone, Default)]
-pub struct AgentLog(Arc<Mutex<AgentStats>>);
+pub type AgentLog = super::SharedLog<AgentStats>;
 
 impl AgentLog {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, AgentStats> {
-        // A panic elsewhere while holding the lock leaves plain counters: still worth reading.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn update(&self, f: impl FnOnce(&mut AgentStats)) {
-        f(&mut self.lock());
-    }
-
-    /// A copy of the current stats.
-    pub fn snapshot(&self) -> AgentStats {
-        self.lock().clone()
-    }
-
     /// The violations recorded so far.
     pub fn violations(&self) -> Vec<Violation> {
         self.lock().violations.clone()
-    }
-
-    /// Polls every 10 ms until `pred` holds or `timeout` passes; returns whether it held.
-    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&AgentStats) -> bool) -> bool {
-        let end = Instant::now() + timeout;
-        loop {
-            if pred(&self.lock()) {
-                return true;
-            }
-            if Instant::now() >= end {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl fmt::Debug for AgentLog {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.lock().fmt(f)
     }
 }
 
@@ -314,47 +275,9 @@ impl fmt::Debug for AgentLog {
 // Server
 // ---------------------------------------------------------------------------------------------------
 
-/// A running agent (from [`spawn`]). Dropping it shuts the agent down.
-pub struct AgentHandle {
-    addr: SocketAddr,
-    log: AgentLog,
-    shutdown: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
-}
-
-impl AgentHandle {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// `ws://<addr>/haip/websocket` (the agent accepts any path).
-    pub fn url(&self) -> String {
-        format!("ws://{}/haip/websocket", self.addr)
-    }
-
-    pub fn log(&self) -> &AgentLog {
-        &self.log
-    }
-
-    pub fn stats(&self) -> AgentStats {
-        self.log.snapshot()
-    }
-
-    /// Closes every connection (1001) and waits for the server task.
-    pub async fn shutdown(mut self) -> io::Result<()> {
-        let _ = self.shutdown.send(true);
-        match self.task.take() {
-            Some(task) => task.await.map_err(io::Error::other)?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for AgentHandle {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-    }
-}
+/// A running agent (from [`spawn`]); its url is `ws://<addr>/haip/websocket` (the agent accepts any
+/// path). Dropping it shuts the agent down.
+pub type AgentHandle = super::AgentHandle<AgentStats>;
 
 /// Binds `addr` (e.g. `127.0.0.1:0`), serves plain WebSocket on it in a background task, and returns
 /// the bound address and a handle with the shared [`AgentLog`].
@@ -369,12 +292,7 @@ pub async fn spawn(
     let task = tokio::spawn(serve_with_log(listener, settings, None, rx, log.clone()));
     Ok((
         local,
-        AgentHandle {
-            addr: local,
-            log,
-            shutdown: tx,
-            task: Some(task),
-        },
+        AgentHandle::new(local, format!("ws://{local}/haip/websocket"), log, tx, task),
     ))
 }
 

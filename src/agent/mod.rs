@@ -15,9 +15,133 @@
 pub mod arp;
 pub mod haip;
 
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
 use anyhow::Context as _;
+use tokio::sync::watch;
 
 use crate::cli::{AgentArgs, AgentProtocol};
+
+/// An agent's shared, cloneable record of what happened (its `AgentStats`), read by tests and the demo.
+pub struct SharedLog<S>(Arc<Mutex<S>>);
+
+impl<S> Clone for SharedLog<S> {
+    fn clone(&self) -> Self {
+        SharedLog(self.0.clone())
+    }
+}
+
+impl<S: Default> Default for SharedLog<S> {
+    fn default() -> Self {
+        SharedLog(Arc::new(Mutex::new(S::default())))
+    }
+}
+
+impl<S: Default + Clone> SharedLog<S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, S> {
+        // A panic elsewhere while holding the lock leaves plain counters: still worth reading.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut S)) {
+        f(&mut self.lock());
+    }
+
+    /// A copy of the current stats.
+    pub fn snapshot(&self) -> S {
+        self.lock().clone()
+    }
+
+    /// Polls every 10 ms until `pred` holds or `timeout` passes; returns whether it held.
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&S) -> bool) -> bool {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            if pred(&self.lock()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for SharedLog<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.lock() {
+            Ok(s) => s.fmt(f),
+            Err(p) => p.get_ref().fmt(f),
+        }
+    }
+}
+
+/// A running built-in agent. Dropping it shuts the agent down.
+pub struct AgentHandle<S> {
+    addr: SocketAddr,
+    url: String,
+    log: SharedLog<S>,
+    shutdown: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl<S: Default + Clone> AgentHandle<S> {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        url: String,
+        log: SharedLog<S>,
+        shutdown: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<io::Result<()>>,
+    ) -> Self {
+        AgentHandle {
+            addr,
+            url,
+            log,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where devices connect.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    pub fn log(&self) -> &SharedLog<S> {
+        &self.log
+    }
+
+    pub fn stats(&self) -> S {
+        self.log.snapshot()
+    }
+
+    /// Closes every connection and waits for the server task.
+    pub async fn shutdown(mut self) -> io::Result<()> {
+        let _ = self.shutdown.send(true);
+        match self.task.take() {
+            Some(task) => task.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl<S> Drop for AgentHandle<S> {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
 
 /// `hearken agent`: serve the chosen reference agent on `--listen` until SIGTERM or SIGINT.
 pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
