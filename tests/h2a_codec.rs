@@ -375,6 +375,25 @@ fn tv4_confirmation_through_the_renderer() {
 }
 
 #[test]
+fn tv4_unanswered_confirmation_is_denied_after_its_timeout() {
+    let sse = sse_events(&vector("TV-4"));
+    let mut c = opened();
+    message(&mut c, 0, "archive alpha");
+    decode(&mut c, 1_000, &sse[1]);
+    assert_eq!(c.next_deadline(), Some(61_000));
+    assert!(posts(&c.poll(60_999)).is_empty());
+    let p = posts(&c.poll(61_000));
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        p[0].body,
+        json!({"type": "user.signal", "signalType": "deny",
+            "content": {"frameId": "frm_030", "reason": "timeout"}})
+    );
+    // Settled: a late spoken answer goes as a plain message once the response is over.
+    assert!(c.next_deadline().is_none_or(|d| d > 61_000));
+}
+
+#[test]
 fn tv5_orchestration_is_narrated() {
     let sse = sse_events(&vector("TV-5"));
     let mut c = opened();
@@ -421,6 +440,16 @@ fn tv6_rate_limited_blocks_signals() {
     let p = posts(&c.poll(31_000));
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].body["content"]["text"], "hi");
+    // No signal at all while blocked, not even an interrupt.
+    let mut d = opened();
+    decode(&mut d, 1, &sse[0]);
+    decode(
+        &mut d,
+        2,
+        r#"{"type":"agent.frame","id":"a","sequence":5,"frameType":"text","content":"x","final":false}"#,
+    );
+    assert!(d.in_response());
+    assert!(d.encode(3, Uplink::Interrupt).unwrap().is_empty());
 }
 
 #[test]

@@ -476,3 +476,69 @@ async fn discovery_fallback_and_bearer_token() {
     assert!(h.spoken().starts_with("You said: hi."));
     check_agent(&a.stats());
 }
+
+mod common;
+
+#[tokio::test]
+async fn https_with_a_private_ca() {
+    let a = agent(AgentSettings {
+        mock_discovery: true,
+        ..AgentSettings::default()
+    })
+    .await;
+    // TLS in front of the agent (the relative endpoint keeps the client on https).
+    let pki = common::test_pki(&["127.0.0.1"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    let backend = a.addr();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    // The public roots do not trust the test CA.
+    let e = sse::connect_with(settings(&url, None)).await.unwrap_err();
+    assert!(matches!(e, TransportError::Tls(_)), "{e}");
+    let pem = std::env::temp_dir().join(format!("hearken-h2a-ca-{}.pem", std::process::id()));
+    std::fs::write(&pem, &pki.ca_pem).unwrap();
+    let mut s = settings(&url, None);
+    s.ca_file = Some(pem.clone());
+    let conn = sse::connect_with(s).await;
+    std::fs::remove_file(&pem).unwrap();
+    let conn = conn.unwrap();
+    assert_eq!(conn.endpoint().url("session"), format!("{url}/h2a/session"));
+    let mut h = Host {
+        codec: H2aClient::new(H2aSettings::default()),
+        conn,
+        epoch: Instant::now(),
+        received: Vec::new(),
+        events: Vec::new(),
+    };
+    let open = h.codec.open(0, &SessionInfo::default());
+    h.send(open).await;
+    h.until(|e| matches!(e, Downlink::Ready { .. }), 5_000)
+        .await
+        .unwrap();
+    h.up(Uplink::Text("over tls".into())).await;
+    h.until(finished, 5_000).await.unwrap();
+    assert!(
+        h.spoken().starts_with("You said: over tls."),
+        "{}",
+        h.spoken()
+    );
+    check_agent(&a.stats());
+}

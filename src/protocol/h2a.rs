@@ -22,7 +22,8 @@
 //!   its ack) opens a new session.
 //! - `session.ack` gives [`Downlink::Ready`]; transcripts sent before it wait for it.
 //! - Each [`Uplink::Text`] goes as a `message` (`content: {text}`); with a confirmation pending, the
-//!   renderer's `[Confirmed] ..` / `[Denied] ..` answers go as `confirm` / `deny` instead.
+//!   renderer's `[Confirmed] ..` / `[Denied] ..` answers go as `confirm` / `deny` instead; one left
+//!   unanswered past its `timeout` is denied (`reason: "timeout"`).
 //! - `text` frames (a string or `{text, format}`, markup stripped) are [`Downlink::TextDelta`]s until
 //!   `final`; `end` (or a terminal `error`) finishes the response. `error` frames are
 //!   [`Downlink::Error`]; `RATE_LIMITED` also holds signals back for `retryAfter` s.
@@ -168,6 +169,8 @@ struct Response {
 struct Confirm {
     frame_id: String,
     confirm_choice: String,
+    /// `content.timeout`: unanswered by then, it is denied (TV-4).
+    deadline_ms: Option<u64>,
 }
 
 /// An H2A Basic-level host codec.
@@ -345,6 +348,10 @@ impl H2aClient {
             .is_some_and(|&t| now_ms.saturating_sub(t) >= 60_000)
         {
             self.interrupts_ms.pop_front();
+        }
+        if now_ms < self.blocked_until_ms {
+            tracing::info!("h2a: interrupt not sent (the agent asked us to wait); stopped locally");
+            return None;
         }
         if self.interrupts_ms.len() >= INTERRUPT_LIMIT_PER_MIN {
             tracing::info!("h2a: interrupt not sent (10 per minute already); stopped locally");
@@ -622,6 +629,10 @@ impl H2aClient {
                         .and_then(Value::as_str)
                         .unwrap_or("confirm")
                         .to_string(),
+                    deadline_ms: content
+                        .get("timeout")
+                        .and_then(Value::as_u64)
+                        .map(|s| now_ms + s * 1000),
                 });
                 out.push(Downlink::Render {
                     component: json!({
@@ -980,6 +991,16 @@ impl Protocol for H2aClient {
             tracing::info!("h2a: no ack for the resume; opening a new session");
             wires.push(self.new_session());
         }
+        if let Some(c) = &self.confirm
+            && c.deadline_ms.is_some_and(|d| now_ms >= d)
+            && let Some(c) = self.confirm.take()
+        {
+            tracing::info!(frame = %c.frame_id, "h2a: confirmation timed out; denied");
+            wires.extend(
+                self.signal("deny", json!({"frameId": c.frame_id, "reason": "timeout"}))
+                    .ok(),
+            );
+        }
         let mut events = Vec::new();
         if let Some(r) = &self.response {
             if r.cancelled {
@@ -1020,6 +1041,7 @@ impl Protocol for H2aClient {
                 take(Some(r.started_ms + MAX_RESPONSE_MS));
             }
         }
+        take(self.confirm.as_ref().and_then(|c| c.deadline_ms));
         if !self.queue.is_empty() && self.blocked_until_ms > 0 {
             take(Some(self.blocked_until_ms));
         }
