@@ -542,3 +542,78 @@ async fn https_with_a_private_ca() {
     );
     check_agent(&a.stats());
 }
+
+#[tokio::test]
+async fn recv_is_cancel_safe_and_keepalives_count_as_traffic() {
+    let a = agent(AgentSettings {
+        keepalive_ms: 40,
+        delta_ms: 5,
+        ..AgentSettings::default()
+    })
+    .await;
+    let mut h = Host::connect(&a.url(), ResumeState::default()).await;
+    h.up(Uplink::Text("cancel safe".into())).await;
+    // Poll recv with a timeout so short that most futures are dropped mid-wait: nothing is lost.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut dropped_futures = 0;
+    while !h.events.iter().any(finished) {
+        assert!(Instant::now() < deadline, "{:?}", h.events);
+        match tokio::time::timeout(Duration::from_millis(1), h.conn.recv()).await {
+            Err(_) => dropped_futures += 1,
+            Ok(Some(Ok(w))) => {
+                let d = h.codec.decode(0, w).unwrap();
+                h.events.extend(d.events);
+            }
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(dropped_futures > 0);
+    assert_eq!(
+        h.spoken(),
+        "You said: cancel safe. I am the hearken reference agent."
+    );
+    // Idle: only `: keepalive` comments arrive, and they refresh last_rx.
+    let _ = tokio::time::timeout(Duration::from_millis(300), h.conn.recv()).await;
+    assert!(h.conn.last_rx().elapsed() < Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn agent_enforces_the_interrupt_limit_and_the_session_header() {
+    let a = agent(AgentSettings::default()).await;
+    let mut h = Host::connect(&a.url(), ResumeState::default()).await;
+    let session = h.codec.session().unwrap().to_string();
+    // Eleven interrupts in a row, bypassing the codec's debounce.
+    for _ in 0..11 {
+        let env = json!({"post": "signal", "session": session,
+            "body": {"type": "user.signal", "signalType": "interrupt", "content": {"scope": "current"}}});
+        h.conn.send(Wire::Text(env.to_string())).await.unwrap();
+    }
+    let i = h
+        .until(
+            |e| matches!(e, Downlink::Error { code, .. } if code == "RATE_LIMITED"),
+            5_000,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(h.events[i], Downlink::Error { fatal: false, .. }));
+    assert!(
+        a.log()
+            .wait_for(Duration::from_secs(2), |s| s.interrupts == 10)
+            .await
+    );
+    let s = a.stats();
+    assert_eq!(s.violations.len(), 1, "{:?}", s.violations);
+    assert!(s.violations[0].contains("10/min"), "{:?}", s.violations);
+    // A signal without the header is refused with 400 and logged.
+    let env = json!({"post": "signal",
+        "body": {"type": "user.signal", "signalType": "message", "content": {"text": "x"}}});
+    h.conn.send(Wire::Text(env.to_string())).await.unwrap();
+    assert!(
+        a.log()
+            .wait_for(Duration::from_secs(2), |s| s
+                .violations
+                .iter()
+                .any(|v| v.contains("without X-H2A-Session")))
+            .await
+    );
+}

@@ -13,7 +13,8 @@
 //!   A `session` post is awaited: its `text/event-stream` answer becomes the stream `recv` reads
 //!   (replacing an earlier one). A `signal` post carries `X-H2A-Session` and runs in the background
 //!   (the TS mock holds a signal's answer until its whole reply has streamed), so a barge-in is never
-//!   stuck behind a message; its failure comes out of the next `recv`. `recv` yields each event's
+//!   stuck behind a message; its failure comes out of the next `recv`. At most 8 are in flight; a
+//!   ninth waits for one of them. `recv` yields each event's
 //!   `data` as [`Wire::Text`]; comments (keepalives) only refresh [`AgentConnection::last_rx`].
 //!
 //! Every request carries `Authorization: Bearer <token>` when a token is set (marked sensitive, never
@@ -801,16 +802,23 @@ impl H2aConnection {
         Ok(())
     }
 
-    fn post_signal(
+    async fn post_signal(
         &mut self,
         session: Option<String>,
         body: Vec<u8>,
     ) -> Result<(), TransportError> {
         while self.signals.try_join_next().is_some() {}
         if self.signals.len() >= MAX_SIGNALS_IN_FLIGHT {
-            return Err(TransportError::Io(format!(
-                "{MAX_SIGNALS_IN_FLIGHT} signals unanswered: the agent is stuck"
-            )));
+            // Back-pressure: wait for one to be answered (each is bounded by request_timeout).
+            let wait = self.dialer.settings.request_timeout;
+            if tokio::time::timeout(wait, self.signals.join_next())
+                .await
+                .is_err()
+            {
+                return Err(TransportError::Io(format!(
+                    "{MAX_SIGNALS_IN_FLIGHT} signals unanswered: the agent is stuck"
+                )));
+            }
         }
         if self.idle.is_none() {
             self.idle = self.idle_rx.try_recv().ok();
@@ -918,7 +926,7 @@ impl AgentConnection for H2aConnection {
                 serde_json::to_vec(&env.body).map_err(|e| TransportError::Io(e.to_string()))?;
             match env.post.as_str() {
                 "session" => self.open_stream(body).await,
-                "signal" => self.post_signal(env.session, body),
+                "signal" => self.post_signal(env.session, body).await,
                 other => Err(TransportError::Io(format!("unknown H2A route {other:?}"))),
             }
         })
