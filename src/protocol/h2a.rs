@@ -418,23 +418,15 @@ impl H2aClient {
             });
             return Vec::new();
         };
-        let resumed_ok = match self.resuming.take() {
-            Some(_) => {
-                let prev = self.settings.resume_state.get();
-                if prev.session.as_deref() == Some(id) {
-                    tracing::info!(
-                        session = id,
-                        from = ?v.get("resumedFromSequence"),
-                        "h2a: session resumed"
-                    );
-                    true
-                } else {
-                    tracing::info!("h2a: resume answered with a new session");
-                    false
-                }
-            }
-            None => false,
-        };
+        // Server ids are unique: an ack naming the session we had is that session, resumed (the TS
+        // mock re-acks a live session without `resumedFromSequence` and continues its sequence).
+        let was_resuming = self.resuming.take().is_some();
+        let resumed_ok = self.settings.resume_state.get().session.as_deref() == Some(id);
+        if resumed_ok {
+            tracing::info!(session = id, from = ?v.get("resumedFromSequence"), "h2a: session resumed");
+        } else if was_resuming {
+            tracing::info!("h2a: resume answered with a new session");
+        }
         if !resumed_ok {
             self.last_sequence = 0;
         }
