@@ -9,10 +9,13 @@
 //!
 //! - [`haip`]: HAIP 1.1.2 (`haiprotocol/haip@f8dfe4d`) over WebSocket, optionally behind TLS.
 //! - [`arp`]: ARP v1 Minimal Mode (arp-go `b36d884`) at `/_arp/v1`.
+//! - [`h2a`]: H2A v0.2 (Standard agent level) over HTTP: AgentCard, `POST /h2a/session` with an SSE
+//!   answer, `POST /h2a/signal`.
 //!
 //! Context: tokio. Every connection runs in its own task; nothing here blocks.
 
 pub mod arp;
+pub mod h2a;
 pub mod haip;
 
 use std::fmt;

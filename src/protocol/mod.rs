@@ -9,6 +9,7 @@
 //! Context: tokio (the session task), but nothing here awaits or blocks.
 
 pub mod arp;
+pub mod h2a;
 pub mod haip;
 
 use std::fmt;

@@ -3,11 +3,14 @@
 //!
 //! - [`ws`]: WebSocket over TCP, or over TLS (rustls, `ring` provider) for `wss://`. `ws://` to a host
 //!   other than loopback is refused unless the config allows it.
+//! - [`sse`]: HTTP(S) `POST` with a Server-Sent Events answer, plus one-shot posts (H2A): hyper over
+//!   TCP or the same rustls setup; `http://` to a non-loopback host is refused the same way.
 //! - [`Backoff`]: the reconnect schedule (exponential with jitter, reset after a stable minute). The
 //!   session owns the loop; this module only computes the waits, so the rule is unit-tested without time.
 //!
 //! Context: tokio (the session task). Nothing here spawns tasks or threads.
 
+pub mod sse;
 pub mod ws;
 
 use std::future::Future;

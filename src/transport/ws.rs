@@ -565,7 +565,7 @@ fn percent_encode_into(out: &mut String, value: &str) {
 
 /// rustls with the ring provider, TLS 1.2+, the chosen roots plus `ca_file`. Built per attempt, so a
 /// renewed `ca_file` or OS store is picked up on reconnect.
-fn tls_connector(s: &WsSettings) -> Result<TlsConnector, TransportError> {
+pub(crate) fn tls_connector(s: &WsSettings) -> Result<TlsConnector, TransportError> {
     let mut roots = RootCertStore::empty();
     match s.roots {
         TlsRoots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
