@@ -67,6 +67,7 @@ pub struct DemoArgs {
 pub enum AgentProtocol {
     Haip,
     Arp,
+    H2a,
 }
 
 #[derive(Debug, Args, Clone)]

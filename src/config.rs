@@ -368,6 +368,8 @@ pub enum ProtocolKind {
     Haip,
     /// ARP v1 Minimal Mode: text both ways, through speech-to-text and text-to-speech on the device.
     Arp,
+    /// H2A v0.2 (Basic host level): HTTP POST + SSE, text both ways like ARP.
+    H2a,
 }
 
 impl ProtocolKind {
@@ -825,17 +827,22 @@ impl Config {
         }
         if !c.agent.url.is_empty() {
             let url = c.agent.url.as_str();
-            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            let (name, plain, tls) = match c.agent.protocol {
+                ProtocolKind::Haip => ("HAIP", "ws://", "wss://"),
+                ProtocolKind::Arp => ("ARP", "ws://", "wss://"),
+                ProtocolKind::H2a => ("H2A", "http://", "https://"),
+            };
+            if !(url.starts_with(plain) || url.starts_with(tls)) {
                 return Err(err(
                     "agent.url",
-                    format!("HAIP needs a ws:// or wss:// URL, got {url}"),
+                    format!("{name} needs a {plain} or {tls} URL, got {url}"),
                 ));
             }
-            if url.starts_with("ws://") && !c.agent.allow_insecure && !is_loopback_url(url) {
+            if url.starts_with(plain) && !c.agent.allow_insecure && !is_loopback_url(url) {
                 return Err(err(
                     "agent.url",
                     format!(
-                        "ws:// (unencrypted) is only allowed to loopback; use wss:// or set agent.allow_insecure = true ({url})"
+                        "{plain} (unencrypted) is only allowed to loopback; use {tls} or set agent.allow_insecure = true ({url})"
                     ),
                 ));
             }
@@ -872,7 +879,7 @@ impl Config {
             if c.stt.backend == SttBackend::None {
                 return Err(err(
                     "stt.backend",
-                    "agent.protocol = \"arp\" carries only text: the user's turns need a \
+                    "a text-only agent.protocol (arp, h2a) carries only text: the user's turns need a \
                      speech-to-text service (\"wyoming\" or \"command\")"
                         .into(),
                 ));
@@ -880,7 +887,7 @@ impl Config {
             if c.tts.backend == TtsBackend::None {
                 return Err(err(
                     "tts.backend",
-                    "agent.protocol = \"arp\" carries only text: the agent's answers need a \
+                    "a text-only agent.protocol (arp, h2a) carries only text: the agent's answers need a \
                      text-to-speech service (\"command\" or \"wyoming\")"
                         .into(),
                 ));

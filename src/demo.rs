@@ -113,6 +113,7 @@ pub fn write_script(
 enum DemoAgent {
     Haip(agent::AgentHandle),
     Arp(crate::agent::arp::AgentHandle),
+    H2a(crate::agent::h2a::AgentHandle),
 }
 
 pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
@@ -156,6 +157,19 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                 config.file.agent.token_file = String::new();
                 (DemoAgent::Arp(handle), Some(speech), server)
             }
+            AgentProtocol::H2a => {
+                let (speech, server) = demo_speech(&config).await?;
+                let handle = crate::agent::h2a::spawn(
+                    "127.0.0.1:0".parse()?,
+                    crate::agent::h2a::AgentSettings::default(),
+                )
+                .await?;
+                println!("built-in H2A agent listening on {}", handle.url());
+                config.file.agent.protocol = ProtocolKind::H2a;
+                config.file.agent.url = handle.url();
+                config.file.agent.token_file = String::new();
+                (DemoAgent::H2a(handle), Some(speech), server)
+            }
         };
         let io = if opts.live {
             println!("live: speak into the microphone; Ctrl-C ends the demo");
@@ -164,7 +178,7 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
             let script = tmp.join("script.wav");
             let ms = match opts.protocol {
                 AgentProtocol::Haip => build_script(&fixtures_dir()?, &script)?,
-                AgentProtocol::Arp => {
+                AgentProtocol::Arp | AgentProtocol::H2a => {
                     write_script(&fixtures_dir()?, &ARP_SCRIPT, ARP_SCRIPT_TAIL_MS, &script)?
                 }
             };
@@ -229,6 +243,25 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                     stats.inputs.len(),
                     stats.turns_completed,
                     stats.turns_cancelled,
+                    stats.violations.len()
+                );
+                for v in &stats.violations {
+                    println!("  violation: {v}");
+                }
+            }
+            DemoAgent::H2a(h) => {
+                let stats = h.stats();
+                println!(
+                    "agent saw: {} session(s) opened, {} resumed, {} message(s), {} answer(s) \
+                     completed, {} interrupted ({} interrupt signal(s), slowest interrupt -> end {} ms), \
+                     {} protocol violation(s)",
+                    stats.sessions_opened,
+                    stats.resumes,
+                    stats.messages.len(),
+                    stats.responses_completed,
+                    stats.responses_interrupted,
+                    stats.interrupts,
+                    stats.max_interrupt_to_end_ms,
                     stats.violations.len()
                 );
                 for v in &stats.violations {
@@ -420,7 +453,7 @@ fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
         r.link.replay_requests_sent,
         r.link.malformed,
     );
-    if opts.protocol == AgentProtocol::Arp {
+    if opts.protocol != AgentProtocol::Haip {
         let ms = |v: Option<u64>| v.map_or("-".into(), |u| format!("{:.0} ms", u as f64 / 1000.0));
         println!(
             "speech: {} turn(s) as text, {} with no words; first agent text -> first synthesized \

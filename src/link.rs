@@ -21,6 +21,7 @@ use crate::config::ProtocolKind;
 use crate::dsp::downlink::DownlinkAudio;
 use crate::dsp::worker::PlaybackItem;
 use crate::protocol::arp::{ArpClient, ArpSettings};
+use crate::protocol::h2a::{H2aClient, H2aSettings, ResumeState};
 use crate::protocol::haip::{HaipClient, HaipSettings};
 use crate::protocol::{AudioCodec, CodecStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
@@ -174,6 +175,7 @@ pub fn spawn(
         voice,
         voice_rx,
         session_id: uuid::Uuid::new_v4().to_string(),
+        h2a_resume: ResumeState::default(),
         quiet_reconnect: false,
         config: config.clone(),
         cmds: rx,
@@ -201,6 +203,8 @@ struct Link {
     voice_rx: Option<mpsc::Receiver<VoiceEvent>>,
     /// Client-held session id (ARP), the same across reconnects.
     session_id: String,
+    /// H2A: where a dropped session can be resumed, shared by every connection's codec.
+    h2a_resume: ResumeState,
     /// The connection was closed on purpose (a barge-in on a protocol without cancel): reconnect at
     /// once and do not report it as a new connection.
     quiet_reconnect: bool,
@@ -226,6 +230,22 @@ enum End {
     },
     /// Closed to cancel the agent's answer (the protocol has no cancel message).
     Cancelled,
+}
+
+/// Open the transport the protocol runs on.
+async fn connect(
+    config: &Config,
+    token: Option<crate::config::Secret>,
+) -> Result<Box<dyn AgentConnection>, crate::transport::TransportError> {
+    match config.agent.protocol {
+        ProtocolKind::Haip | ProtocolKind::Arp => {
+            let settings = WsSettings::from_config(&config.agent, token);
+            Ok(Box::new(ws::connect(&settings).await?))
+        }
+        ProtocolKind::H2a => Ok(Box::new(
+            crate::transport::sse::connect(&config.agent, token).await?,
+        )),
+    }
 }
 
 async fn next_voice(rx: &mut Option<mpsc::Receiver<VoiceEvent>>) -> Option<VoiceEvent> {
@@ -261,13 +281,12 @@ impl Link {
                     None
                 }
             };
-            let settings = WsSettings::from_config(&self.config.agent, token.clone());
             let started = Instant::now();
             let end = tokio::select! {
-                r = ws::connect(&settings) => match r {
+                r = connect(&self.config, token.clone()) => match r {
                     Ok(conn) => {
                         tracing::info!(url = %self.config.agent.url, "connected to the agent");
-                        self.serve(Box::new(conn), token).await
+                        self.serve(conn, token).await
                     }
                     Err(e) => End::Lost { reason: e.to_string(), auth: e.is_auth() },
                 },
@@ -478,7 +497,8 @@ impl Link {
                     self.emit(LinkEvent::Down(e.clone())).await;
                     return Err(End::Lost {
                         reason,
-                        auth: code == "AUTHENTICATION_FAILED",
+                        // HAIP's and H2A's names for a refused credential.
+                        auth: code == "AUTHENTICATION_FAILED" || code == "AUTHENTICATION_REQUIRED",
                     });
                 }
                 _ => {}
@@ -547,6 +567,10 @@ impl Link {
             ProtocolKind::Arp => Box::new(ArpClient::new(ArpSettings {
                 session_id: self.session_id.clone(),
                 send_hello: a.renderer_hello,
+            })),
+            ProtocolKind::H2a => Box::new(H2aClient::new(H2aSettings {
+                resume_state: self.h2a_resume.clone(),
+                ..H2aSettings::default()
             })),
         }
     }

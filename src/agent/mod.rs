@@ -184,6 +184,22 @@ pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
                 );
                 arp::serve(listener, arp::AgentSettings::default(), shutdown).await?;
             }
+            AgentProtocol::H2a => {
+                let settings = h2a::AgentSettings {
+                    token: args.token.clone(),
+                    ..h2a::AgentSettings::default()
+                };
+                println!(
+                    "H2A agent on http://{}{}",
+                    listener.local_addr()?,
+                    if settings.token.is_some() {
+                        " (bearer token required)"
+                    } else {
+                        ""
+                    }
+                );
+                h2a::serve(listener, settings, shutdown).await?;
+            }
         }
         Ok(())
     })
