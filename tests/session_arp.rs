@@ -487,3 +487,100 @@ async fn real_speech_services_a_turn_through_pocketsphinx_and_espeak_ng() {
     );
     assert_eq!(report.first_speech_us.len(), 1);
 }
+
+// The same path over H2A (HTTP POST + SSE): the voice bridge is protocol-neutral, the codec and the
+// transport differ, and barge-in is an `interrupt` signal instead of a closed socket.
+
+fn h2a_config(url: &str) -> Config {
+    Config::from_toml_str(
+        "",
+        "test",
+        &[
+            "agent.protocol=\"h2a\"".to_string(),
+            format!("agent.url=\"{url}\""),
+            "stt.backend=\"wyoming\"".to_string(),
+            "agent.reconnect_min_ms=200".to_string(),
+            "agent.reconnect_max_ms=2000".to_string(),
+        ],
+    )
+    .expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_a_voice_turn_goes_as_a_message_and_the_answer_is_spoken() {
+    let tmp = Scratch::new("h2a-turn");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings::default(),
+    )
+    .await
+    .expect("agent");
+    let (sp, _, tts) = speech(&["How long will it take to get to work today"]);
+    let script = tmp.script(&[("question.wav", 300)], 3_000);
+    let (report, played) = run_device(h2a_config(&a.url()), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(s.sessions_opened, 1);
+    assert_eq!(
+        s.messages,
+        vec!["How long will it take to get to work today"]
+    );
+    assert_eq!(s.responses_completed, 1);
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked.first().map(String::as_str),
+        Some("You said: How long will it take to get to work today.")
+    );
+    assert!(
+        active_ms(&played) >= 1_000,
+        "played {} ms",
+        active_ms(&played)
+    );
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::AgentTool { .. }))
+    );
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::AgentFinished { status, .. } if status == "ok"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_barge_in_sends_interrupt_and_the_next_turn_is_answered() {
+    let tmp = Scratch::new("h2a-barge");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings {
+            // 150 ms a word: still streaming the long second sentence when the user speaks.
+            delta_ms: 150,
+            closing: "This answer goes on for a long while, with many words, so that the user has \
+                      every reason to interrupt it before it is over, and the speaker is still busy."
+                .into(),
+            ..hearken::agent::h2a::AgentSettings::default()
+        },
+    )
+    .await
+    .expect("agent");
+    let (sp, _, _) = speech(&["What is the weather", "Stop wait a moment"]);
+    let script = tmp.script(&[("question.wav", 300), ("barge_in.wav", 2_500)], 4_000);
+    let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(report.barge_ins, 1);
+    assert_eq!(s.interrupts, 1, "{s:?}");
+    assert_eq!(s.interrupts_honoured, 1);
+    assert!(s.max_interrupt_to_end_ms < 1_000);
+    assert_eq!(s.responses_interrupted, 1);
+    assert_eq!(
+        s.messages,
+        vec!["What is the weather", "Stop wait a moment"]
+    );
+    // One session throughout: an interrupt needs no reconnect.
+    assert_eq!(s.sessions_opened, 1);
+    assert_eq!(report.agent_disconnects, 0);
+}
