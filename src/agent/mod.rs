@@ -9,11 +9,14 @@
 //!
 //! - [`haip`]: HAIP 1.1.2 (`haiprotocol/haip@f8dfe4d`) over WebSocket, optionally behind TLS.
 //! - [`arp`]: ARP v1 Minimal Mode (arp-go `b36d884`) at `/_arp/v1`.
+//! - [`hap`]: HAP over a line stream (stdin/stdout as a child process, or any reader/writer
+//!   pair): the JSON-RPC surface haive-hap 1.0.1 implements, optionally the documented `agent/*` ones.
 //!
 //! Context: tokio. Every connection runs in its own task; nothing here blocks.
 
 pub mod arp;
 pub mod haip;
+pub mod hap;
 
 use anyhow::Context as _;
 

@@ -10,6 +10,7 @@
 
 pub mod arp;
 pub mod haip;
+pub mod hap;
 
 use std::fmt;
 

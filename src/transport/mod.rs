@@ -3,11 +3,15 @@
 //!
 //! - [`ws`]: WebSocket over TCP, or over TLS (rustls, `ring` provider) for `wss://`. `ws://` to a host
 //!   other than loopback is refused unless the config allows it.
+//! - [`stdio`]: a child process (the agent on the device, or `ssh host cmd`), one JSON message per
+//!   line on its stdin and stdout (HAP).
 //! - [`Backoff`]: the reconnect schedule (exponential with jitter, reset after a stable minute). The
 //!   session owns the loop; this module only computes the waits, so the rule is unit-tested without time.
 //!
-//! Context: tokio (the session task). Nothing here spawns tasks or threads.
+//! Context: tokio (the session task). Nothing here spawns threads; the stdio transport spawns one
+//! task per child to drain its stderr.
 
+pub mod stdio;
 pub mod ws;
 
 use std::future::Future;

@@ -82,6 +82,16 @@ pub enum TransportError {
     Io(String),
     #[error("timed out connecting to the agent")]
     Timeout,
+    /// The agent program could not be started (stdio transport).
+    #[error("agent.command: cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The agent process ended (stdio transport): its exit status and the last lines of its stderr.
+    #[error("agent process {status}{}{stderr}", if stderr.is_empty() { "" } else { "; stderr: " })]
+    Exited { status: String, stderr: String },
 }
 
 impl TransportError {
@@ -92,7 +102,15 @@ impl TransportError {
 
     /// Retrying later may succeed. Only a URL that cannot work is permanent.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, TransportError::Url(_) | TransportError::Insecure(_))
+        match self {
+            TransportError::Url(_) | TransportError::Insecure(_) => false,
+            // A missing or non-executable program stays missing.
+            TransportError::Spawn { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+            ),
+            _ => true,
+        }
     }
 }
 
@@ -565,7 +583,7 @@ fn percent_encode_into(out: &mut String, value: &str) {
 
 /// rustls with the ring provider, TLS 1.2+, the chosen roots plus `ca_file`. Built per attempt, so a
 /// renewed `ca_file` or OS store is picked up on reconnect.
-fn tls_connector(s: &WsSettings) -> Result<TlsConnector, TransportError> {
+pub(crate) fn tls_connector(s: &WsSettings) -> Result<TlsConnector, TransportError> {
     let mut roots = RootCertStore::empty();
     match s.roots {
         TlsRoots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
