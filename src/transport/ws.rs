@@ -100,7 +100,8 @@ impl TransportError {
         matches!(self, TransportError::Auth(_))
     }
 
-    /// Retrying later may succeed. Only a URL that cannot work is permanent.
+    /// Retrying later may succeed. A URL that cannot work, or an agent program that is missing or not
+    /// executable, is permanent.
     pub fn is_transient(&self) -> bool {
         match self {
             TransportError::Url(_) | TransportError::Insecure(_) => false,
