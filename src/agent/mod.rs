@@ -11,12 +11,15 @@
 //! - [`arp`]: ARP v1 Minimal Mode (arp-go `b36d884`) at `/_arp/v1`.
 //! - [`h2a`]: H2A v0.2 (Standard agent level) over HTTP: AgentCard, `POST /h2a/session` with an SSE
 //!   answer, `POST /h2a/signal`.
+//! - [`hap`]: HAP over a line stream (stdin/stdout as a child process, or any reader/writer
+//!   pair): the JSON-RPC surface haive-hap 1.0.1 implements, optionally the documented `agent/*` ones.
 //!
 //! Context: tokio. Every connection runs in its own task; nothing here blocks.
 
 pub mod arp;
 pub mod h2a;
 pub mod haip;
+pub mod hap;
 
 use std::fmt;
 use std::io;

@@ -11,6 +11,7 @@
 pub mod arp;
 pub mod h2a;
 pub mod haip;
+pub mod hap;
 
 use std::fmt;
 

@@ -5,12 +5,18 @@
 //!   other than loopback is refused unless the config allows it.
 //! - [`sse`]: HTTP(S) `POST` with a Server-Sent Events answer, plus one-shot posts (H2A): hyper over
 //!   TCP or the same rustls setup; `http://` to a non-loopback host is refused the same way.
+//! - [`stdio`]: a child process (the agent on the device, or `ssh host cmd`), one JSON message per
+//!   line on its stdin and stdout (HAP).
+//! - [`http`]: one JSON-RPC request per HTTP POST, the response body its answer (a HAP gateway).
 //! - [`Backoff`]: the reconnect schedule (exponential with jitter, reset after a stable minute). The
 //!   session owns the loop; this module only computes the waits, so the rule is unit-tested without time.
 //!
-//! Context: tokio (the session task). Nothing here spawns tasks or threads.
+//! Context: tokio (the session task). Nothing here spawns threads; the stdio transport spawns one
+//! task per child to drain its stderr.
 
 pub mod sse;
+pub mod http;
+pub mod stdio;
 pub mod ws;
 
 use std::future::Future;

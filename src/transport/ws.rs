@@ -82,6 +82,16 @@ pub enum TransportError {
     Io(String),
     #[error("timed out connecting to the agent")]
     Timeout,
+    /// The agent program could not be started (stdio transport).
+    #[error("agent.command: cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The agent process ended (stdio transport): its exit status and the last lines of its stderr.
+    #[error("agent process {status}{}{stderr}", if stderr.is_empty() { "" } else { "; stderr: " })]
+    Exited { status: String, stderr: String },
 }
 
 impl TransportError {
@@ -90,9 +100,18 @@ impl TransportError {
         matches!(self, TransportError::Auth(_))
     }
 
-    /// Retrying later may succeed. Only a URL that cannot work is permanent.
+    /// Retrying later may succeed. A URL that cannot work, or an agent program that is missing or not
+    /// executable, is permanent.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, TransportError::Url(_) | TransportError::Insecure(_))
+        match self {
+            TransportError::Url(_) | TransportError::Insecure(_) => false,
+            // A missing or non-executable program stays missing.
+            TransportError::Spawn { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+            ),
+            _ => true,
+        }
     }
 }
 
