@@ -68,6 +68,8 @@ pub enum AgentProtocol {
     Haip,
     Arp,
     H2a,
+    /// JSON-RPC on this process's stdin and stdout (start it as a device's `agent.command`).
+    Hap,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -93,6 +93,13 @@ pub struct FileConfig {
     pub log: LogConfig,
 }
 
+impl FileConfig {
+    /// An agent is configured: a URL, or (HAP) a command.
+    pub fn agent_configured(&self) -> bool {
+        !self.agent.url.is_empty() || !self.agent.command.is_empty()
+    }
+}
+
 /// How the agent's text and components are spoken (text-only protocols).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -370,6 +377,8 @@ pub enum ProtocolKind {
     Arp,
     /// H2A v0.2 (Basic host level): HTTP POST + SSE, text both ways like ARP.
     H2a,
+    /// HAP (haive-hap 1.0.1): JSON-RPC 2.0 to a child process (`agent.command`) or an HTTP gateway.
+    Hap,
 }
 
 impl ProtocolKind {
@@ -427,6 +436,12 @@ pub struct AgentConfig {
     pub buffer_ms: u32,
     /// ARP: send the spec's renderer `hello` on connect (the reference server rejects it harmlessly).
     pub renderer_hello: bool,
+    /// HAP: the agent program and its arguments (JSON-RPC on its stdin/stdout); empty: `url` is an
+    /// HTTP gateway.
+    pub command: Vec<String>,
+    /// HAP: the tool (tools surface) or agent (`agent/*` surface) each turn goes to; empty: chosen
+    /// from what the agent lists.
+    pub hap_target: String,
 }
 
 impl Default for AgentConfig {
@@ -446,6 +461,8 @@ impl Default for AgentConfig {
             reconnect_max_ms: 30_000,
             buffer_ms: 30_000,
             renderer_hello: false,
+            command: Vec::new(),
+            hap_target: String::new(),
         }
     }
 }
@@ -831,6 +848,7 @@ impl Config {
                 ProtocolKind::Haip => ("HAIP", "ws://", "wss://"),
                 ProtocolKind::Arp => ("ARP", "ws://", "wss://"),
                 ProtocolKind::H2a => ("H2A", "http://", "https://"),
+                ProtocolKind::Hap => ("HAP", "http://", "https://"),
             };
             if !(url.starts_with(plain) || url.starts_with(tls)) {
                 return Err(err(
@@ -875,11 +893,28 @@ impl Config {
                 ),
             ));
         }
-        if c.agent.protocol.text_only() && !c.agent.url.is_empty() {
+        if c.agent.command.iter().any(|a| a.is_empty())
+            || (!c.agent.command.is_empty() && c.agent.protocol != ProtocolKind::Hap)
+        {
+            return Err(err(
+                "agent.command",
+                "only for agent.protocol = \"hap\", and no argument may be empty".into(),
+            ));
+        }
+        if c.agent.protocol == ProtocolKind::Hap
+            && !c.agent.command.is_empty()
+            && !c.agent.url.is_empty()
+        {
+            return Err(err(
+                "agent.url",
+                "HAP takes agent.command (a child process) or agent.url (an HTTP gateway), not both".into(),
+            ));
+        }
+        if c.agent.protocol.text_only() && c.agent_configured() {
             if c.stt.backend == SttBackend::None {
                 return Err(err(
                     "stt.backend",
-                    "a text-only agent.protocol (arp, h2a) carries only text: the user's turns need a \
+                    "a text-only agent.protocol (arp, h2a, hap) carries only text: the user's turns need a \
                      speech-to-text service (\"wyoming\" or \"command\")"
                         .into(),
                 ));
@@ -887,7 +922,7 @@ impl Config {
             if c.tts.backend == TtsBackend::None {
                 return Err(err(
                     "tts.backend",
-                    "a text-only agent.protocol (arp, h2a) carries only text: the agent's answers need a \
+                    "a text-only agent.protocol (arp, h2a, hap) carries only text: the agent's answers need a \
                      text-to-speech service (\"command\" or \"wyoming\")"
                         .into(),
                 ));
@@ -1156,6 +1191,7 @@ mod tests {
             [agent]
             protocol = "arp"
             renderer_hello = true
+            hap_target = "ask"
             url = "ws://10.0.0.5:8080/_arp/v1"
             token_file = "/etc/hostname"
             token_mode = "subprotocol"
@@ -1207,9 +1243,39 @@ mod tests {
                 panic!("section {section}")
             };
             for (k, v) in dk {
+                // agent.command excludes agent.url (HAP takes one or the other): its own test below.
+                if section == "agent" && k == "command" {
+                    continue;
+                }
                 assert_ne!(Some(&v), lk.get(&k), "{section}.{k} kept its default");
             }
         }
+    }
+
+    #[test]
+    fn hap_takes_a_command_or_a_gateway_url() {
+        let speech = "[stt]\nbackend = \"wyoming\"\n";
+        let c = load(&format!(
+            "[agent]\nprotocol = \"hap\"\ncommand = [\"python3\", \"agent.py\"]\nhap_target = \"ask\"\n{speech}"
+        ))
+        .expect("valid");
+        assert!(c.agent_configured());
+        assert_eq!(c.agent.command, vec!["python3", "agent.py"]);
+        load(&format!(
+            "[agent]\nprotocol = \"hap\"\nurl = \"http://127.0.0.1:9000/rpc\"\n{speech}"
+        ))
+        .expect("a gateway");
+        let both = format!(
+            "[agent]\nprotocol = \"hap\"\nurl = \"http://127.0.0.1:9000/rpc\"\ncommand = [\"x\"]\n{speech}"
+        );
+        assert_eq!(load(&both).unwrap_err().key(), Some("agent.url"));
+        let not_hap = "[agent]\nprotocol = \"arp\"\ncommand = [\"x\"]\n";
+        assert_eq!(load(not_hap).unwrap_err().key(), Some("agent.command"));
+        let empty_arg = format!("[agent]\nprotocol = \"hap\"\ncommand = [\"\"]\n{speech}");
+        assert_eq!(load(&empty_arg).unwrap_err().key(), Some("agent.command"));
+        // A command alone is an agent: it needs speech services like any text-only protocol.
+        let e = load("[agent]\nprotocol = \"hap\"\ncommand = [\"x\"]\n").unwrap_err();
+        assert_eq!(e.key(), Some("stt.backend"));
     }
 
     #[test]

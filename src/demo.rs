@@ -114,6 +114,8 @@ enum DemoAgent {
     Haip(agent::AgentHandle),
     Arp(crate::agent::arp::AgentHandle),
     H2a(crate::agent::h2a::AgentHandle),
+    /// A child process (`hearken agent --protocol hap`) the device starts itself.
+    Hap,
 }
 
 pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
@@ -170,6 +172,25 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                 config.file.agent.token_file = String::new();
                 (DemoAgent::H2a(handle), Some(speech), server)
             }
+            AgentProtocol::Hap => {
+                let (speech, server) = demo_speech(&config).await?;
+                let exe = std::env::current_exe().context("the demo starts itself as the HAP agent")?;
+                config.file.agent.protocol = ProtocolKind::Hap;
+                config.file.agent.url = String::new();
+                config.file.agent.token_file = String::new();
+                config.file.agent.command = vec![
+                    exe.display().to_string(),
+                    "agent".into(),
+                    "--protocol".into(),
+                    "hap".into(),
+                ];
+                println!(
+                    "built-in HAP agent: started by the device as a child process, JSON-RPC on its \
+                     stdin/stdout ({})",
+                    config.agent.command.join(" ")
+                );
+                (DemoAgent::Hap, Some(speech), server)
+            }
         };
         let io = if opts.live {
             println!("live: speak into the microphone; Ctrl-C ends the demo");
@@ -178,7 +199,7 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
             let script = tmp.join("script.wav");
             let ms = match opts.protocol {
                 AgentProtocol::Haip => build_script(&fixtures_dir()?, &script)?,
-                AgentProtocol::Arp | AgentProtocol::H2a => {
+                AgentProtocol::Arp | AgentProtocol::H2a | AgentProtocol::Hap => {
                     write_script(&fixtures_dir()?, &ARP_SCRIPT, ARP_SCRIPT_TAIL_MS, &script)?
                 }
             };
@@ -249,6 +270,10 @@ pub fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<()> {
                     println!("  violation: {v}");
                 }
             }
+            DemoAgent::Hap => println!(
+                "agent: the HAP child process records nothing here (its log goes to the device's \
+                 log, target hearken::agent_stderr)"
+            ),
             DemoAgent::H2a(h) => {
                 let stats = h.stats();
                 println!(
@@ -457,8 +482,8 @@ fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
         let ms = |v: Option<u64>| v.map_or("-".into(), |u| format!("{:.0} ms", u as f64 / 1000.0));
         println!(
             "speech: {} turn(s) as text, {} with no words; first agent text -> first synthesized \
-             audio at the speaker: p50 {}, max {} over {} answer(s) (the agent streams a word every \
-             30 ms, so this includes the first sentence's arrival)",
+             audio at the speaker: p50 {}, max {} over {} answer(s) (where the agent streams word by \
+             word, this includes the first sentence's arrival)",
             r.user_texts.len(),
             r.not_understood,
             ms(percentile(&r.first_speech_us, 50.0)),

@@ -23,6 +23,7 @@ use crate::dsp::worker::PlaybackItem;
 use crate::protocol::arp::{ArpClient, ArpSettings};
 use crate::protocol::h2a::{H2aClient, H2aSettings, ResumeState};
 use crate::protocol::haip::{HaipClient, HaipSettings};
+use crate::protocol::hap::{HapClient, HapSettings};
 use crate::protocol::{AudioCodec, CodecStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
 use crate::transport::ws::{self, WsSettings};
@@ -244,6 +245,16 @@ async fn connect(
         }
         ProtocolKind::H2a => Ok(Box::new(
             crate::transport::sse::connect(&config.agent, token).await?,
+        )),
+        ProtocolKind::Hap if !config.agent.command.is_empty() => Ok(Box::new(
+            crate::transport::stdio::connect(&config.agent.command).await?,
+        )),
+        ProtocolKind::Hap => Ok(Box::new(
+            crate::transport::http::connect(&crate::transport::http::HttpSettings::from_config(
+                &config.agent,
+                token,
+            ))
+            .await?,
         )),
     }
 }
@@ -572,6 +583,15 @@ impl Link {
                 resume_state: self.h2a_resume.clone(),
                 ..H2aSettings::default()
             })),
+            ProtocolKind::Hap => {
+                let target = (!a.hap_target.is_empty()).then(|| a.hap_target.clone());
+                Box::new(HapClient::new(HapSettings {
+                    agent: target.clone(),
+                    tool: target,
+                    request_timeout_ms: self.config.turn.response_timeout_ms as u64,
+                    ..HapSettings::default()
+                }))
+            }
         }
     }
 

@@ -292,7 +292,7 @@ pub async fn run(
         None
     };
     let (devices, fast, live) = devices(&config, &opts.io);
-    let agent = !config.agent.url.is_empty();
+    let agent = config.agent_configured();
     let speech = match opts.speech {
         Some(s) => Some(s),
         None if agent && config.agent.protocol.text_only() => {

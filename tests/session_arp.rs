@@ -584,3 +584,66 @@ async fn h2a_barge_in_sends_interrupt_and_the_next_turn_is_answered() {
     assert_eq!(s.sessions_opened, 1);
     assert_eq!(report.agent_disconnects, 0);
 }
+
+// And over HAP: JSON-RPC 2.0 to the built-in agent, which the device starts itself as a child
+// process (`hearken agent --protocol hap`), one message per line on its stdin and stdout.
+
+fn hap_config() -> Config {
+    Config::from_toml_str(
+        "",
+        "test",
+        &[
+            "agent.protocol=\"hap\"".to_string(),
+            format!(
+                "agent.command=[\"{}\", \"agent\", \"--protocol\", \"hap\"]",
+                env!("CARGO_BIN_EXE_hearken")
+            ),
+            "stt.backend=\"wyoming\"".to_string(),
+            "agent.reconnect_min_ms=200".to_string(),
+            "agent.reconnect_max_ms=2000".to_string(),
+        ],
+    )
+    .expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hap_a_voice_turn_is_a_tool_call_to_a_child_process_and_its_result_is_spoken() {
+    let tmp = Scratch::new("hap-turn");
+    let (sp, _, tts) = speech(&["How long will it take", "Turn on the lights"]);
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 6_000)],
+        4_000,
+    );
+    let (report, played) = run_device(hap_config(), script, sp).await;
+    assert_eq!(report.agent_connects, 1, "{:?}", report.user_texts);
+    assert_eq!(
+        report.user_texts,
+        vec!["How long will it take", "Turn on the lights"]
+    );
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert!(
+        asked
+            .iter()
+            .any(|t| t == "You said: How long will it take."),
+        "{asked:?}"
+    );
+    assert!(
+        asked.iter().any(|t| t == "You said: Turn on the lights."),
+        "{asked:?}"
+    );
+    assert!(active_ms(&played) >= 1_000);
+    // The agent's progress notifications are tool activity: the "working" earcon.
+    assert!(report.events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::Earcon {
+            earcon: hearken::audio::earcon::Earcon::Working
+        }
+    )));
+    let finished = report
+        .events
+        .iter()
+        .filter(|e| matches!(&e.kind, EventKind::AgentFinished { status, .. } if status == "ok"))
+        .count();
+    assert_eq!(finished, 2);
+    assert_eq!(report.link.malformed, 0);
+}

@@ -149,11 +149,30 @@ impl<S> Drop for AgentHandle<S> {
     }
 }
 
+async fn wait_shutdown(mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// `hearken agent`: serve the chosen reference agent on `--listen` until SIGTERM or SIGINT.
 pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
     let rt = crate::service::runtime()?;
     rt.block_on(async {
         let shutdown = crate::service::signal_shutdown();
+        if args.protocol == AgentProtocol::Hap {
+            // stdout is the protocol: nothing else may be printed there (the log goes to stderr).
+            let served = tokio::select! {
+                r = hap::serve_stdio(tokio::io::stdin(), tokio::io::stdout(), hap::AgentSettings::default()) => r?,
+                _ = wait_shutdown(shutdown) => return Ok(()),
+            };
+            if served == hap::Served::ExitRequested {
+                anyhow::bail!("exiting mid-call (test hook)");
+            }
+            return Ok(());
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -203,6 +222,7 @@ pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
                 );
                 h2a::serve(listener, settings, shutdown).await?;
             }
+            AgentProtocol::Hap => unreachable!("served on stdio above"),
         }
         Ok(())
     })

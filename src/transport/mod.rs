@@ -14,8 +14,8 @@
 //! Context: tokio (the session task). Nothing here spawns threads; the stdio transport spawns one
 //! task per child to drain its stderr.
 
-pub mod sse;
 pub mod http;
+pub mod sse;
 pub mod stdio;
 pub mod ws;
 
