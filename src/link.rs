@@ -315,7 +315,11 @@ impl Link {
                 End::Lost { reason, auth } => (reason, auth),
             };
             self.quiet_reconnect = false;
-            if let Some(v) = &mut self.voice {
+            // An answer cut by a lost connection will not finish, except where the protocol resumes
+            // it (H2A replays from the last sequence seen): there the rest continues the sentence.
+            if let Some(v) = &mut self.voice
+                && self.config.agent.protocol != ProtocolKind::H2a
+            {
                 v.connection_lost();
             }
             backoff.succeeded(started.elapsed());

@@ -23,6 +23,10 @@ use crate::protocol::Downlink;
 /// Said once when a reply is cut at `max_spoken_chars`.
 pub const CAP_NOTICE: &str = "The rest of this answer is too long to read aloud.";
 
+/// Text this long with no sentence end yet is spoken up to its last space anyway: a run-on answer
+/// must not wait (or grow) without bound.
+const MAX_SENTENCE_CHARS: usize = 300;
+
 /// Deepest `group` nesting read (the spec says deeper nesting must be rejected).
 const MAX_GROUP_DEPTH: usize = 3;
 
@@ -209,6 +213,18 @@ impl Renderer {
             let s = std::mem::replace(&mut self.prose, rest);
             self.speak_markdown(&s, out);
         }
+        while self.prose.len() > MAX_SENTENCE_CHARS {
+            let mut at = MAX_SENTENCE_CHARS;
+            while !self.prose.is_char_boundary(at) {
+                at -= 1;
+            }
+            let cut = self.prose[..at]
+                .rfind(char::is_whitespace)
+                .map_or(at, |i| i + 1);
+            let rest = self.prose.split_off(cut);
+            let s = std::mem::replace(&mut self.prose, rest);
+            self.speak_markdown(&s, out);
+        }
         if all && !self.prose.is_empty() {
             let s = std::mem::take(&mut self.prose);
             self.speak_markdown(&s, out);
@@ -226,8 +242,16 @@ impl Renderer {
             return;
         }
         let n = s.chars().count();
-        if self.spoken_chars + n > self.settings.max_spoken_chars && self.spoken_chars > 0 {
+        if self.spoken_chars + n > self.settings.max_spoken_chars {
             self.capped = true;
+            if self.spoken_chars == 0 {
+                // One sentence longer than the whole budget: its start, to the last word that fits.
+                let budget: String = s.chars().take(self.settings.max_spoken_chars).collect();
+                let head = budget
+                    .rfind(char::is_whitespace)
+                    .map_or(budget.as_str(), |i| &budget[..i]);
+                out.push(head.trim_end().to_string());
+            }
             out.push(CAP_NOTICE.to_string());
             return;
         }

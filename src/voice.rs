@@ -270,6 +270,10 @@ impl VoiceBridge {
             return None;
         }
         if let Downlink::ResponseStarted { id } = &d {
+            if self.current.as_ref() == Some(id) {
+                // The same answer again (a resumed session replays its start): it goes on.
+                return Some(d);
+            }
             self.renderer.reset();
             self.current = Some(id.clone());
             self.answers += 1;

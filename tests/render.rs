@@ -353,3 +353,34 @@ fn pending_text_is_spoken_before_a_component() {
     let out = r.component(&json!({"type":"text","props":{"text":"Done."}}));
     assert_eq!(out, vec!["Here are the numbers", "Done."]);
 }
+
+#[test]
+fn run_on_text_is_spoken_in_pieces_and_capped() {
+    let mut r = Renderer::new(RenderSettings {
+        max_spoken_chars: 700,
+        table_rows: 5,
+    });
+    let mut out = Vec::new();
+    for i in 0..600 {
+        out.extend(r.push_text(&format!("w{i} ")));
+    }
+    // Without a sentence end, pieces of at most 300 characters go out as the text streams...
+    assert!(out.len() >= 2, "{out:?}");
+    assert!(out.iter().all(|s| s.len() <= 300), "{out:?}");
+    assert!(out[0].starts_with("w0 w1 "));
+    out.extend(r.finish());
+    // ...and the cap still holds, with its notice.
+    assert_eq!(out.last().map(String::as_str), Some(CAP_NOTICE));
+    let spoken: usize = out[..out.len() - 1].iter().map(|s| s.chars().count()).sum();
+    assert!(spoken <= 700, "{spoken}");
+    // One sentence longer than the whole budget is cut at a word.
+    let mut r = Renderer::new(RenderSettings {
+        max_spoken_chars: 100,
+        table_rows: 5,
+    });
+    let long = format!("{}.", "word ".repeat(25).trim_end());
+    let out = r.push_text(&format!("{long} Next. "));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out[0].chars().count() <= 100 && out[0].starts_with("word word"));
+    assert_eq!(out[1], CAP_NOTICE);
+}

@@ -647,3 +647,95 @@ async fn hap_a_voice_turn_is_a_tool_call_to_a_child_process_and_its_result_is_sp
     assert_eq!(finished, 2);
     assert_eq!(report.link.malformed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_an_answer_over_the_limits_is_cut_the_user_is_told_and_the_device_goes_on() {
+    let tmp = Scratch::new("h2a-flood");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings::default(),
+    )
+    .await
+    .expect("agent");
+    // The agent answers a message containing "/flood" with 600 text frames (the limit is 500).
+    let (sp, _, tts) = speech(&["please /flood me", "How long will it take"]);
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 12_000)],
+        4_000,
+    );
+    // A short spoken budget, so what is said of the cut answer has ended before the next turn.
+    let mut config = h2a_config(&a.url());
+    config.file.render.max_spoken_chars = 300;
+    let (report, _) = run_device(config, script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(
+        s.messages,
+        vec!["please /flood me", "How long will it take"]
+    );
+    // Cut with an error (the error earcon tells the user), and the next turn is answered.
+    assert!(
+        report.events.iter().any(
+            |e| matches!(&e.kind, EventKind::AgentError { code, .. } if code == "limit_exceeded")
+        ),
+        "no limit error"
+    );
+    let asked = tts.asked.lock().expect("asked").clone();
+    // What the user hears of it: the start, then the renderer's notice that the rest is too long.
+    assert!(
+        asked.iter().any(|t| t == hearken::render::CAP_NOTICE),
+        "{asked:?}"
+    );
+    // Then the error earcon: the answer ended in an error.
+    assert!(report.events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::Earcon {
+            earcon: hearken::audio::earcon::Earcon::Error
+        }
+    )));
+    assert!(
+        asked
+            .iter()
+            .any(|t| t == "You said: How long will it take."),
+        "{asked:?}"
+    );
+    assert_eq!(report.agent_disconnects, 0, "the session survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_a_stream_cut_mid_answer_is_resumed_and_the_answer_completes() {
+    let tmp = Scratch::new("h2a-drop");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings {
+            drop_after_frames: Some(4),
+            ..hearken::agent::h2a::AgentSettings::default()
+        },
+    )
+    .await
+    .expect("agent");
+    let (sp, _, tts) = speech(&["How long will it take", "Turn on the lights"]);
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 6_000)],
+        4_000,
+    );
+    let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
+    let s = a.stats();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(s.drops, 1);
+    assert_eq!(s.resumes, 1, "{s:?}");
+    assert_eq!(s.sessions_opened, 1, "resumed, not reopened");
+    assert_eq!(report.agent_disconnects, 1);
+    // Nothing lost, nothing twice: each answer's first sentence was spoken once.
+    let asked = tts.asked.lock().expect("asked").clone();
+    for said in [
+        "You said: How long will it take.",
+        "You said: Turn on the lights.",
+    ] {
+        assert_eq!(
+            asked.iter().filter(|t| *t == said).count(),
+            1,
+            "{said}: {asked:?}"
+        );
+    }
+}

@@ -104,6 +104,9 @@ pub struct ResumePoint {
     pub last_sequence: u64,
     /// A resume was sent and has not been acknowledged (a second attempt opens a new session).
     pub resume_pending: bool,
+    /// The id of the response that was streaming when the connection dropped: a resumed session
+    /// continues it under the same id, so the device goes on speaking it instead of starting over.
+    pub open_response: Option<String>,
 }
 
 impl ResumeState {
@@ -275,9 +278,20 @@ impl H2aClient {
     }
 
     fn begin_response(&mut self, now_ms: u64) {
-        self.responses += 1;
+        let point = self.settings.resume_state.get();
+        let id = match point.open_response {
+            Some(id) if point.session.is_some() && point.session == self.session => id,
+            _ => {
+                self.responses += 1;
+                format!("h2a-{}-{}", self.id_prefix, self.responses)
+            }
+        };
+        let open = id.clone();
+        self.settings
+            .resume_state
+            .update(|p| p.open_response = Some(open));
         self.response = Some(Response {
-            id: format!("h2a-{}-{}", self.id_prefix, self.responses),
+            id,
             started_ms: now_ms,
             ..Response::default()
         });
@@ -291,6 +305,9 @@ impl H2aClient {
 
     /// Close the open response (if any) with `status`.
     fn finish(&mut self, status: FinishStatus, out: &mut Vec<Downlink>) {
+        self.settings
+            .resume_state
+            .update(|p| p.open_response = None);
         if let Some(r) = self.response.take() {
             if r.cancelled {
                 // Already closed locally at the interrupt or the limit.
