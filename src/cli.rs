@@ -82,6 +82,9 @@ pub struct AgentArgs {
     /// Token devices must present (?token= or Sec-WebSocket-Protocol). Default: none required.
     #[arg(long, env = "HEARKEN_AGENT_TOKEN")]
     pub token: Option<String>,
+    /// Test hook (HAP): exit, mid-call, on the Nth tool or agent call (an agent that dies mid-turn).
+    #[arg(long, hide = true, value_name = "N")]
+    pub exit_on_call: Option<u32>,
 }
 
 #[derive(Debug, Args, Default, Clone)]

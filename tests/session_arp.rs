@@ -739,3 +739,70 @@ async fn h2a_a_stream_cut_mid_answer_is_resumed_and_the_answer_completes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hap_a_barge_in_stops_the_speaker_and_the_next_turn_is_answered() {
+    let tmp = Scratch::new("hap-barge");
+    let (sp, _, tts) = speech(&["What is the weather", "Stop wait a moment"]);
+    // The answer's speech (about 2 s of tone) is still playing when "stop" starts.
+    let script = tmp.script(&[("question.wav", 300), ("barge_in.wav", 500)], 4_000);
+    // Without echo cancellation: this is about HAP's barge-in path. (With it, the gate starts out
+    // pessimistic and needs a second or two of the device's first speech to learn that no echo
+    // reaches this mic at all, which is longer than this short answer.)
+    let mut config = hap_config();
+    config.file.aec.enabled = false;
+    let (report, _) = run_device(config, script, sp).await;
+    assert_eq!(
+        report.barge_ins,
+        1,
+        "{:#?}",
+        report
+            .events
+            .iter()
+            .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        report.user_texts,
+        vec!["What is the weather", "Stop wait a moment"]
+    );
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert!(
+        asked.iter().any(|t| t == "You said: Stop wait a moment."),
+        "{asked:?}"
+    );
+    assert_eq!(report.agent_disconnects, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hap_the_agent_process_dying_mid_call_is_restarted_and_the_turn_is_answered() {
+    let tmp = Scratch::new("hap-kill");
+    // The first child exits in the middle of its first call; the restarted one behaves.
+    let flag = tmp.0.join("died-once");
+    let mut config = hap_config();
+    config.file.agent.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "if mkdir \"$0\" 2>/dev/null; then exec \"$1\" agent --protocol hap --exit-on-call 1; \
+         else exec \"$1\" agent --protocol hap; fi"
+            .into(),
+        flag.display().to_string(),
+        env!("CARGO_BIN_EXE_hearken").into(),
+    ];
+    let (sp, _, tts) = speech(&["How long will it take"]);
+    let script = tmp.script(&[("question.wav", 300)], 5_000);
+    let (report, _) = run_device(config, script, sp).await;
+    assert!(flag.is_dir(), "the first child ran");
+    assert_eq!(report.agent_disconnects, 1, "{:?}", report.events.len());
+    assert_eq!(report.agent_connects, 2);
+    // The user's words were kept and answered by the new process, once.
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|t| *t == "You said: How long will it take.")
+            .count(),
+        1,
+        "{asked:?}"
+    );
+}

@@ -165,7 +165,10 @@ pub fn run_cli(args: &AgentArgs) -> anyhow::Result<()> {
         if args.protocol == AgentProtocol::Hap {
             // stdout is the protocol: nothing else may be printed there (the log goes to stderr).
             let served = tokio::select! {
-                r = hap::serve_stdio(tokio::io::stdin(), tokio::io::stdout(), hap::AgentSettings::default()) => r?,
+                r = hap::serve_stdio(tokio::io::stdin(), tokio::io::stdout(), hap::AgentSettings {
+                    exit_on_call: args.exit_on_call,
+                    ..hap::AgentSettings::default()
+                }) => r?,
                 _ = wait_shutdown(shutdown) => return Ok(()),
             };
             if served == hap::Served::ExitRequested {
