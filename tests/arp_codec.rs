@@ -1,4 +1,4 @@
-//! ARP Minimal Mode codec against the golden data in `../shared/protocols/data/arp/`: the arp-go
+//! ARP Minimal Mode codec against the golden data in `tests/fixtures/arp/` (copies of `shared/protocols/data/arp/`): the arp-go
 //! capture and the spec's examples. Every agent frame decodes or is skipped with a reason, the frames
 //! we send match what the reference renderer sent, and the captured conversation is rendered to the
 //! spoken text below.
@@ -16,7 +16,7 @@ use hearken::render::Renderer;
 use serde_json::{Value, json};
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/protocols/data/arp")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arp")
 }
 
 fn records(name: &str) -> Vec<Value> {

@@ -1,4 +1,4 @@
-//! H2A host codec against the golden data in `../shared/protocols/data/h2a/`: the 8 test vectors (our
+//! H2A host codec against the golden data in `tests/fixtures/h2a/` (copies of `shared/protocols/data/h2a/`): the 8 test vectors (our
 //! requests match, the agent frames decode as the vector says), the JSON Schemas (every body we send
 //! validates), and the two captures (every frame decodes or is skipped with a reason).
 
@@ -17,7 +17,7 @@ use hearken::render::Renderer;
 use serde_json::{Value, json};
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/protocols/data/h2a")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h2a")
 }
 
 fn vectors() -> Vec<Value> {

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 fn schema(def: &str) -> jsonschema::Validator {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/protocols/data/h2a/schema/messages.schema.json");
+        .join("tests/fixtures/h2a/schema/messages.schema.json");
     let mut s: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     // The one known conflict (digest ambiguity 3): the schema requires sessionId in session.open,
     // the addendum forbids a host-proposed id. Everything else is checked as written.
@@ -32,7 +32,7 @@ fn schema(def: &str) -> jsonschema::Validator {
 
 fn card_schema() -> jsonschema::Validator {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/protocols/data/h2a/schema/agent-card.schema.json");
+        .join("tests/fixtures/h2a/schema/agent-card.schema.json");
     let s: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     jsonschema::validator_for(&s).unwrap()
 }

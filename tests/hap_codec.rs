@@ -1,4 +1,4 @@
-//! HAP client codec against the golden data in `../shared/protocols/data/hap/`: the requests we send
+//! HAP client codec against the golden data in `tests/fixtures/hap/` (copies of `shared/protocols/data/hap/`): the requests we send
 //! have the capture's shape, every response line of the capture decodes or is skipped with a reason,
 //! and the JSON-RPC edge cases (error objects, missing ids, out-of-order answers, timeouts, barge-in).
 
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 fn records() -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/protocols/data/hap/observed-stdio-exchange.jsonl");
+        .join("tests/fixtures/hap/observed-stdio-exchange.jsonl");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     text.lines()

@@ -469,7 +469,7 @@ async fn barge_in_drops_the_pending_answer_even_out_of_order() {
 #[tokio::test]
 async fn the_builtin_agent_answers_the_captured_requests_like_haive_hap() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/protocols/data/hap/observed-stdio-exchange.jsonl");
+        .join("tests/fixtures/hap/observed-stdio-exchange.jsonl");
     let recs: Vec<Value> = std::fs::read_to_string(path)
         .unwrap()
         .lines()
