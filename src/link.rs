@@ -764,6 +764,8 @@ impl Link {
             // The service flushed already; audio of the cancelled run forwarded since then is
             // flushed too. From here on the codec drops that run's frames.
             self.player.flush.request();
+            // The interrupted turns are done with: a reconnect must not send them again.
+            self.answered();
             if reconnect {
                 tracing::info!("barge-in: closing the connection (the protocol has no cancel)");
                 return Err(End::Cancelled);

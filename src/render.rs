@@ -385,11 +385,27 @@ impl Renderer {
                     "no", "nope", "cancel", "deny", "don't", "dont", "stop", "not",
                 ];
                 let label_words = |l: &str| normalise_words(l);
-                let is_no = words.iter().any(|w| no.contains(&w.as_str()))
-                    || contains_seq(&words, &label_words(&deny_label));
-                let is_yes = !is_no
-                    && (words.iter().any(|w| yes.contains(&w.as_str()))
-                        || contains_seq(&words, &label_words(&confirm_label)));
+                // The labels first ("keep it", "delete"), then the first yes- or no-word said:
+                // "yes, no problem" is a yes.
+                let (is_yes, is_no) = if contains_seq(&words, &label_words(&deny_label)) {
+                    (false, true)
+                } else if contains_seq(&words, &label_words(&confirm_label)) {
+                    (true, false)
+                } else {
+                    match words.iter().find_map(|w| {
+                        if yes.contains(&w.as_str()) {
+                            Some(true)
+                        } else if no.contains(&w.as_str()) {
+                            Some(false)
+                        } else {
+                            None
+                        }
+                    }) {
+                        Some(true) => (true, false),
+                        Some(false) => (false, true),
+                        None => (false, false),
+                    }
+                };
                 if is_no {
                     Answer {
                         text: format!("[Denied] {deny_label}"),
@@ -424,8 +440,9 @@ impl Renderer {
                     let lw = normalise_words(label);
                     !lw.is_empty() && contains_seq(&words, &lw)
                 });
+                // Highest ordinal first: in "the second one", "one" is not the choice.
                 let by_pos = || {
-                    ordinals.iter().enumerate().find_map(|(i, names)| {
+                    ordinals.iter().enumerate().rev().find_map(|(i, names)| {
                         (i < options.len() && words.iter().any(|w| names.contains(&w.as_str())))
                             .then(|| &options[i])
                     })

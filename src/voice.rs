@@ -1,4 +1,4 @@
-//! The voice bridge for text-only protocols (ARP; later H2A and HAP): it sits inside the agent link
+//! The voice bridge for the text-only protocols (ARP, H2A, HAP): it sits inside the agent link
 //! and turns the user's turn into text and the agent's text into speech.
 //!
 //! - Uplink: the turn's Opus frames are decoded to 16 kHz PCM and streamed to [`SpeechToText`] as
@@ -334,9 +334,18 @@ impl VoiceBridge {
             tracing::debug!(%text, "to speech");
             self.stats.sentences_spoken += 1;
         }
-        if self.speak.try_send(item).is_err() {
-            self.stats.sentences_dropped += 1;
-            tracing::warn!("speech queue full; a sentence was dropped");
+        match self.speak.try_send(item) {
+            Ok(()) => {}
+            // The end of an answer is never lost (the turn machine waits for it): with the queue
+            // full it is reported at once.
+            Err(mpsc::error::TrySendError::Full(SpeakItem::Finish { id, status, .. }))
+            | Err(mpsc::error::TrySendError::Closed(SpeakItem::Finish { id, status, .. })) => {
+                let _ = self.events.try_send(VoiceEvent::Finished { id, status });
+            }
+            Err(_) => {
+                self.stats.sentences_dropped += 1;
+                tracing::warn!("speech queue full; a sentence was dropped");
+            }
         }
     }
 

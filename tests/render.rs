@@ -287,6 +287,8 @@ fn confirm_is_asked_and_the_spoken_answer_matches_it() {
     assert!(r.question().is_none());
     r.component(&json!({"type":"confirm","props":{"title":"Sure?"}}));
     assert_eq!(r.answer("no, keep it").text, "[Denied] Cancel");
+    r.component(&json!({"type":"confirm","props":{"title":"Sure?"}}));
+    assert_eq!(r.answer("yes, no problem").text, "[Confirmed] Confirm");
     r.component(&json!({"type":"confirm","props":{"title":"Sure?","deny_label":"Keep it"}}));
     assert_eq!(r.answer("keep it").text, "[Denied] Keep it");
     // An answer that is no answer goes as said.
@@ -309,6 +311,8 @@ fn choices_are_listed_and_answered_by_name_or_position() {
     assert_eq!(r.answer("extra large please").text, "Extra large");
     r.component(&c);
     assert_eq!(r.answer("the first one").text, "Small");
+    r.component(&c);
+    assert_eq!(r.answer("the second one").text, "Extra large");
     // Haira's string options.
     r.component(&json!({"type":"choices","props":{"options":["red","green"]}}));
     assert_eq!(r.answer("Number two").text, "green");

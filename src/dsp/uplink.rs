@@ -56,6 +56,9 @@ enum Gate {
     /// Taken for echo: the VAD hears silence.
     Block,
 }
+/// Lowest the mic's usual echo goes on frames of digital silence alone (dB against the far end).
+#[cfg(feature = "aec")]
+const SILENT_MIC_ECHO_FLOOR_DB: f32 = -30.0;
 /// The level (mean power, -100 dBFS) a frame of digital zeros is taken to have.
 #[cfg(feature = "aec")]
 const SILENT_FRAME: f32 = 1e-10;
@@ -426,7 +429,13 @@ impl Uplink {
             }
             if l.far > 0.0 {
                 let g_db = super::aec::db(l.mic.max(SILENT_FRAME) / l.far);
-                self.mic_echo_db += if g_db > self.mic_echo_db { 0.4 } else { -0.1 };
+                if g_db > self.mic_echo_db {
+                    self.mic_echo_db += 0.4;
+                } else if l.mic > SILENT_FRAME || self.mic_echo_db > SILENT_MIC_ECHO_FLOOR_DB {
+                    // Silence alone takes the estimate no lower than the floor: a mic that was
+                    // muted for a while must not make real echo afterwards pass for the user.
+                    self.mic_echo_db -= 0.1;
+                }
                 self.mic_echo_db = self.mic_echo_db.clamp(MIN_ECHO_GAIN_DB, 20.0);
             }
         }

@@ -208,8 +208,9 @@ pub trait Protocol: Send {
     fn ready_on_open(&self) -> Option<String> {
         None
     }
-    /// The protocol has no cancel message and an answer is in progress: a barge-in must close the
-    /// connection (and open a new one) to stop it. Asked before the `Interrupt` is encoded.
+    /// The protocol has no cancel message and a turn is open (an input sent, its answer not complete):
+    /// a barge-in must close the connection (and open a new one) to stop it. Asked before the
+    /// `Interrupt` is encoded.
     fn cancel_by_reconnect(&self) -> bool {
         false
     }
