@@ -39,6 +39,8 @@ pub const STT_RATE_HZ: u32 = 16_000;
 pub const STT_RETRIES: u32 = 2;
 /// Pause before such a retry.
 const STT_RETRY_PAUSE: Duration = Duration::from_millis(1_000);
+/// Longest a retry waits for the turn it transcribes to end (longer than any `max_utterance_ms`).
+const MAX_TURN_WAIT_S: u64 = 130;
 /// Sentences waiting for synthesis at most (about a minute of speech); beyond it they are dropped and
 /// logged.
 const SPEAK_QUEUE: usize = 64;
@@ -101,8 +103,8 @@ enum SpeakItem {
     },
 }
 
-/// A turn's audio, kept until its transcript is in (for a retry).
-type KeptAudio = Arc<std::sync::Mutex<Vec<i16>>>;
+/// A turn's audio, kept until its transcript is in (for a retry), and whether the turn has ended.
+type KeptAudio = Arc<std::sync::Mutex<(Vec<i16>, bool)>>;
 
 /// Counters of the bridge.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +200,11 @@ impl VoiceBridge {
             }
             Uplink::TurnEnd { .. } => {
                 // Dropping the sender ends the STT call's audio.
-                self.turn = None;
+                if let Some((_, kept)) = self.turn.take()
+                    && let Ok(mut k) = kept.lock()
+                {
+                    k.1 = true;
+                }
                 None
             }
             Uplink::Interrupt => {
@@ -213,8 +219,13 @@ impl VoiceBridge {
         if let Some(Ok(mut d)) = self.decoder.as_ref().map(|d| d.lock()) {
             d.reset();
         }
+        if let Some((_, old)) = self.turn.take()
+            && let Ok(mut k) = old.lock()
+        {
+            k.1 = true; // a turn that never got its end: what it has is all it gets
+        }
         let (tx, rx) = mpsc::channel(STT_CHUNKS);
-        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::new(std::sync::Mutex::new((Vec::new(), false)));
         self.turn = Some((tx, kept.clone()));
         let stt = self.speech.stt.clone();
         let events = self.events.clone();
@@ -232,7 +243,7 @@ impl VoiceBridge {
             Ok(n) => {
                 let chunk = self.pcm[..n].to_vec();
                 if let Ok(mut k) = kept.lock() {
-                    k.extend_from_slice(&chunk);
+                    k.0.extend_from_slice(&chunk);
                 }
                 // The STT call may lag; the kept copy still has every sample for a retry.
                 let _ = tx.try_send(chunk);
@@ -392,7 +403,15 @@ async fn transcribe(
         tracing::warn!(error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
             attempt = tries + 1, "speech-to-text failed; trying again with the kept audio");
         tokio::time::sleep(STT_RETRY_PAUSE).await;
-        let samples = kept.lock().map(|k| k.clone()).unwrap_or_default();
+        // A call that failed early (the service refused at the turn's start) is retried with the
+        // whole turn: wait for its end first (bounded, as the turn itself is).
+        let waited = std::time::Instant::now();
+        while !kept.lock().map(|k| k.1).unwrap_or(true)
+            && waited.elapsed() < Duration::from_secs(MAX_TURN_WAIT_S)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let samples = kept.lock().map(|k| k.0.clone()).unwrap_or_default();
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.try_send(samples);
         drop(tx);

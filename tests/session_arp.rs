@@ -806,3 +806,69 @@ async fn hap_the_agent_process_dying_mid_call_is_restarted_and_the_turn_is_answe
         "{asked:?}"
     );
 }
+
+/// Refuses the first call at once, as a speech service that is restarting does; transcribes the
+/// rest, answering with how much audio it got.
+struct FlakyStt {
+    calls: Mutex<u32>,
+}
+
+impl SpeechToText for FlakyStt {
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+    fn transcribe<'a>(
+        &'a self,
+        rate_hz: u32,
+        mut audio: mpsc::Receiver<Vec<i16>>,
+        _cancel: CancellationToken,
+    ) -> SpeechFuture<'a, Transcript> {
+        Box::pin(async move {
+            let n = {
+                let mut c = self.calls.lock().expect("calls");
+                *c += 1;
+                *c
+            };
+            if n == 1 {
+                return Err(SpeechError::Unavailable {
+                    service: "flaky".into(),
+                    reason: "restarting".into(),
+                });
+            }
+            let mut samples = 0u64;
+            while let Some(c) = audio.recv().await {
+                samples += c.len() as u64;
+            }
+            Ok(Transcript {
+                text: format!("heard {} ms", samples * 1000 / rate_hz as u64),
+                language: None,
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speech_service_away_at_the_start_of_a_turn_still_gets_the_whole_turn() {
+    let tmp = Scratch::new("flaky");
+    let a = start_agent(AgentSettings::default()).await;
+    let stt = Arc::new(FlakyStt {
+        calls: Mutex::new(0),
+    });
+    let sp = Speech {
+        stt: stt.clone(),
+        tts: Arc::new(ToneTts::default()),
+    };
+    let script = tmp.script(&[("question.wav", 300)], 4_000);
+    let (report, _) = run_device(config(&a.url(), &[]), script, sp).await;
+    assert_eq!(*stt.calls.lock().expect("calls"), 2);
+    // The retry waited for the end of the turn: it got all of it (about 2.5 s of speech plus
+    // pre-roll and the end silence), not the part said before the retry.
+    assert_eq!(report.user_texts.len(), 1, "{:?}", report.user_texts);
+    let ms: u64 = report.user_texts[0]
+        .trim_start_matches("heard ")
+        .trim_end_matches(" ms")
+        .parse()
+        .expect("a number");
+    assert!(ms >= 2_500, "{ms} ms");
+    assert_eq!(a.stats().inputs, report.user_texts);
+}
