@@ -228,12 +228,20 @@ async fn barge_in_flushes_cancels_and_drops_the_rest_of_the_run() {
         "{:?}",
         report.link
     );
-    let flushed: Vec<_> = report
+    let flushed: Vec<u64> = report
         .events
         .iter()
-        .filter(|e| matches!(e.kind, EventKind::PlaybackFlushed { .. }))
+        .filter_map(|e| match e.kind {
+            EventKind::PlaybackFlushed { output_ms } => Some(output_ms),
+            _ => None,
+        })
         .collect();
-    assert_eq!(flushed.len(), 1, "{:?}", report.events);
+    // One flush. The link flushes again as it sends the cancel (audio of the cancelled run forwarded
+    // meanwhile, src/link.rs); natively that request joins the service's. Emulated, the output
+    // callback may have finished the first already, so a second event can follow right after it.
+    let follow_up =
+        common::emulated() && flushed.len() == 2 && flushed[1].saturating_sub(flushed[0]) <= 100;
+    assert!(flushed.len() == 1 || follow_up, "{:?}", report.events);
     // Onset to flush: turn.barge_in_min_ms (100 with echo cancellation, 400 without) plus the
     // decision's latency.
     assert_eq!(report.barge_in_flush_ms.len(), 1);
