@@ -2,13 +2,16 @@
 //! READY comes once the devices are open, WATCHDOG pings while the DSP ticks, and SIGTERM mid-turn
 //! gives STOPPING and a clean exit well within 3 s. A bad config exits 78 (no restart loop).
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary, through `$HEARKEN_TEST_RUNNER` (qemu-user) when the tests run emulated.
 fn hearken() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hearken"))
+    common::hearken_command()
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! Helpers shared by the integration tests (each test crate includes this module).
+//! Helpers shared by the integration tests (each test crate includes this module and uses part of it).
+#![allow(dead_code)]
 
+use std::process::Command;
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
@@ -49,4 +51,32 @@ pub fn test_pki(names: &[&str]) -> TestPki {
         ca_pem: ca_cert.pem(),
         server: Arc::new(server),
     }
+}
+
+/// The environment variable naming a program that runs the binary under test, for a cross build
+/// tested on another architecture: `HEARKEN_TEST_RUNNER=qemu-aarch64-static` (.ci/run sets it for
+/// `cargo test --target aarch64-unknown-linux-gnu`; cargo's target runner only wraps the test
+/// binaries themselves, not the programs they spawn, and CI containers have no binfmt_misc).
+pub const RUNNER_ENV: &str = "HEARKEN_TEST_RUNNER";
+
+/// A command for the `hearken` binary built with the tests, through `$HEARKEN_TEST_RUNNER` when set
+/// (the runner's own arguments may follow it, split on whitespace). Under qemu-user the child is the
+/// emulator, which passes signals such as SIGTERM on to the emulated program.
+pub fn hearken_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_hearken");
+    match std::env::var(RUNNER_ENV) {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut cmd = Command::new(words.next().expect("a runner"));
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
+}
+
+/// Whether the tests run under an emulator (`$HEARKEN_TEST_RUNNER` set): real-time margins may be
+/// widened then, never for a native run.
+pub fn emulated() -> bool {
+    std::env::var(RUNNER_ENV).is_ok_and(|r| !r.trim().is_empty())
 }
