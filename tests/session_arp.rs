@@ -7,6 +7,11 @@
 //! answers each turn with the next line of a script once the turn's audio is in, the TTS double turns
 //! each word into 120 ms of a 440 Hz tone, streamed in 40 ms chunks, and records what it was asked.
 //! Real backends are tested against real services in `tests/speech.rs`.
+//!
+//! Under emulation (`$HEARKEN_TEST_RUNNER`, qemu-user in CI) the sessions run one at a time, and the
+//! HAP agent child is started through the runner.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +27,7 @@ use hearken::speech::{
     Transcript,
 };
 use hearken::voice::Speech;
+use common::one_at_a_time_when_emulated;
 use tokio::sync::{mpsc, watch};
 
 const TTS_RATE_HZ: u32 = 16_000;
@@ -225,6 +231,7 @@ fn active_ms(played: &[f32]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_voice_turn_goes_as_text_and_the_answer_is_spoken_sentence_by_sentence() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("turn");
     let a = start_agent(AgentSettings::default()).await;
     let (sp, stt, tts) = speech(&["How long will it take to get to work today"]);
@@ -362,6 +369,7 @@ async fn barge_in(delta_ms: u64) -> (RunReport, agent::AgentStats, Vec<String>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_while_the_agent_streams_closes_the_socket_and_the_next_turn_is_answered() {
+    let _turn = one_at_a_time_when_emulated().await;
     // 150 ms a word: the agent is still streaming the long sentence when the user speaks.
     let (_, s, first, _) = barge_in(150).await;
     // The long sentence never completed: its late deltas were discarded with the connection.
@@ -375,6 +383,7 @@ async fn barge_in_while_the_agent_streams_closes_the_socket_and_the_next_turn_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_after_the_commit_only_stops_the_speaker() {
+    let _turn = one_at_a_time_when_emulated().await;
     // The answer is all in (commit) long before its speech ends: no reconnect is needed.
     let (_, s, _, cancelled) = barge_in(10).await;
     // The long sentence was being synthesized: that synthesis was cancelled at once.
@@ -390,6 +399,7 @@ async fn barge_in_after_the_commit_only_stops_the_speaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_with_no_words_plays_the_error_earcon_and_sends_nothing() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("empty");
     let a = start_agent(AgentSettings::default()).await;
     let (sp, _, tts) = speech(&[""]);
@@ -408,6 +418,7 @@ async fn a_turn_with_no_words_plays_the_error_earcon_and_sends_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_dying_mid_answer_loses_no_turn() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("drop");
     // The first connection dies after 3 deltas of the first answer.
     let a = start_agent(AgentSettings {
@@ -445,6 +456,7 @@ fn runs(program: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_speech_services_a_turn_through_pocketsphinx_and_espeak_ng() {
+    let _turn = one_at_a_time_when_emulated().await;
     if !runs("python3") || !runs("espeak-ng") {
         eprintln!(
             "SKIPPED real_speech_services: python3 or espeak-ng is not installed (scripts/deps.sh installs them)"
@@ -508,6 +520,7 @@ fn h2a_config(url: &str) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2a_a_voice_turn_goes_as_a_message_and_the_answer_is_spoken() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("h2a-turn");
     let a = hearken::agent::h2a::spawn(
         "127.0.0.1:0".parse().expect("addr"),
@@ -552,6 +565,7 @@ async fn h2a_a_voice_turn_goes_as_a_message_and_the_answer_is_spoken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2a_barge_in_sends_interrupt_and_the_next_turn_is_answered() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("h2a-barge");
     let a = hearken::agent::h2a::spawn(
         "127.0.0.1:0".parse().expect("addr"),
@@ -595,8 +609,9 @@ fn hap_config() -> Config {
         &[
             "agent.protocol=\"hap\"".to_string(),
             format!(
-                "agent.command=[\"{}\", \"agent\", \"--protocol\", \"hap\"]",
-                env!("CARGO_BIN_EXE_hearken")
+                "agent.command={:?}",
+                [common::hearken_argv(), vec!["agent".into(), "--protocol".into(), "hap".into()]]
+                    .concat()
             ),
             "stt.backend=\"wyoming\"".to_string(),
             "agent.reconnect_min_ms=200".to_string(),
@@ -608,6 +623,7 @@ fn hap_config() -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hap_a_voice_turn_is_a_tool_call_to_a_child_process_and_its_result_is_spoken() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("hap-turn");
     let (sp, _, tts) = speech(&["How long will it take", "Turn on the lights"]);
     let script = tmp.script(
@@ -650,6 +666,7 @@ async fn hap_a_voice_turn_is_a_tool_call_to_a_child_process_and_its_result_is_sp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2a_an_answer_over_the_limits_is_cut_the_user_is_told_and_the_device_goes_on() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("h2a-flood");
     let a = hearken::agent::h2a::spawn(
         "127.0.0.1:0".parse().expect("addr"),
@@ -704,6 +721,7 @@ async fn h2a_an_answer_over_the_limits_is_cut_the_user_is_told_and_the_device_go
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2a_a_stream_cut_mid_answer_is_resumed_and_the_answer_completes() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("h2a-drop");
     let a = hearken::agent::h2a::spawn(
         "127.0.0.1:0".parse().expect("addr"),
@@ -742,6 +760,7 @@ async fn h2a_a_stream_cut_mid_answer_is_resumed_and_the_answer_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hap_a_barge_in_stops_the_speaker_and_the_next_turn_is_answered() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("hap-barge");
     let (sp, _, tts) = speech(&["What is the weather", "Stop wait a moment"]);
     // The answer's speech (about 2 s of tone) is still playing when "stop" starts.
@@ -776,6 +795,7 @@ async fn hap_a_barge_in_stops_the_speaker_and_the_next_turn_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hap_the_agent_process_dying_mid_call_is_restarted_and_the_turn_is_answered() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("hap-kill");
     // The first child exits in the middle of its first call; the restarted one behaves.
     let flag = tmp.0.join("died-once");
@@ -783,12 +803,13 @@ async fn hap_the_agent_process_dying_mid_call_is_restarted_and_the_turn_is_answe
     config.file.agent.command = vec![
         "sh".into(),
         "-c".into(),
-        "if mkdir \"$0\" 2>/dev/null; then exec \"$1\" agent --protocol hap --exit-on-call 1; \
-         else exec \"$1\" agent --protocol hap; fi"
+        "if mkdir \"$0\" 2>/dev/null; then exec \"$@\" agent --protocol hap --exit-on-call 1; \
+         else exec \"$@\" agent --protocol hap; fi"
             .into(),
         flag.display().to_string(),
-        env!("CARGO_BIN_EXE_hearken").into(),
     ];
+    // The binary (through the runner when emulated) is "$@".
+    config.file.agent.command.extend(common::hearken_argv());
     let (sp, _, tts) = speech(&["How long will it take"]);
     let script = tmp.script(&[("question.wav", 300)], 5_000);
     let (report, _) = run_device(config, script, sp).await;
@@ -849,6 +870,7 @@ impl SpeechToText for FlakyStt {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_speech_service_away_at_the_start_of_a_turn_still_gets_the_whole_turn() {
+    let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("flaky");
     let a = start_agent(AgentSettings::default()).await;
     let stt = Arc::new(FlakyStt {

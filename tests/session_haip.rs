@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::one_at_a_time_when_emulated;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,19 +147,6 @@ fn has_tone(played: &[f32], hz: f32) -> bool {
 fn assert_no_violations(h: &AgentHandle) {
     let v = h.stats().violations;
     assert!(v.is_empty(), "the agent saw protocol violations: {v:?}");
-}
-
-/// Under emulation (a cross build run by qemu-user, `$HEARKEN_TEST_RUNNER` set) the device runs
-/// several times slower, and real-time sessions side by side on a small CI machine miss deadlines no
-/// board would (echo left uncancelled, a barge-in missed): there they take turns, one session at a
-/// time. Natively this is a no-op and the tests run in parallel. Hold the result for the whole test.
-async fn one_at_a_time_when_emulated() -> Option<tokio::sync::MutexGuard<'static, ()>> {
-    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    if common::emulated() {
-        Some(TURN.lock().await)
-    } else {
-        None
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

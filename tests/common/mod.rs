@@ -80,3 +80,30 @@ pub fn hearken_command() -> Command {
 pub fn emulated() -> bool {
     std::env::var(RUNNER_ENV).is_ok_and(|r| !r.trim().is_empty())
 }
+
+/// The argv that runs the `hearken` binary built with the tests, through `$HEARKEN_TEST_RUNNER`
+/// when set: for config keys that name a program (`agent.command`), which the device starts itself.
+/// Under qemu-user the emulated device cannot exec an ARM binary directly (no binfmt_misc in a CI
+/// container), so the runner goes first.
+pub fn hearken_argv() -> Vec<String> {
+    let mut argv: Vec<String> = std::env::var(RUNNER_ENV)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    argv.push(env!("CARGO_BIN_EXE_hearken").to_string());
+    argv
+}
+
+/// Under emulation (a cross build run by qemu-user, `$HEARKEN_TEST_RUNNER` set) the device runs
+/// several times slower, and real-time sessions side by side on a small CI machine miss deadlines no
+/// board would (echo left uncancelled, a barge-in missed): there they take turns, one session at a
+/// time. Natively this is a no-op and the tests run in parallel. Hold the result for the whole test.
+pub async fn one_at_a_time_when_emulated() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    if emulated() {
+        Some(TURN.lock().await)
+    } else {
+        None
+    }
+}
