@@ -91,9 +91,11 @@ pub enum EventKind {
         kind: String,
         text: String,
     },
-    /// Frames of the user's turn that reached the agent.
+    /// Frames of the user's turn that reached the agent (HAIP), or the speech-to-text service
+    /// (`to_speech_to_text`: the text-only protocols, whose agent gets the transcript).
     FramesSent {
         frames: u64,
+        to_speech_to_text: bool,
     },
     /// Last event of a run.
     Summary {
@@ -209,9 +211,14 @@ pub fn timeline_line(kind: &EventKind) -> Option<String> {
         EventKind::Earcon {
             earcon: Earcon::Error,
         } => "speaker: error earcon".into(),
-        EventKind::FramesSent { frames } => {
-            format!("{frames} frames of the turn sent to the agent")
-        }
+        EventKind::FramesSent {
+            frames,
+            to_speech_to_text: false,
+        } => format!("{frames} frames of the turn sent to the agent"),
+        EventKind::FramesSent {
+            frames,
+            to_speech_to_text: true,
+        } => format!("{frames} frames of the turn sent to speech-to-text"),
         EventKind::Summary {
             turns, barge_ins, ..
         } => format!("done: {turns} turns, {barge_ins} barge-ins"),
@@ -250,6 +257,24 @@ mod tests {
         assert_eq!(
             (v["from"].as_str(), v["to"].as_str()),
             (Some("idle"), Some("user_speaking"))
+        );
+    }
+
+    #[test]
+    fn the_timeline_says_where_the_frames_of_a_turn_went() {
+        let line = |to_speech_to_text| {
+            timeline_line(&EventKind::FramesSent {
+                frames: 12,
+                to_speech_to_text,
+            })
+        };
+        assert_eq!(
+            line(false).as_deref(),
+            Some("12 frames of the turn sent to the agent")
+        );
+        assert_eq!(
+            line(true).as_deref(),
+            Some("12 frames of the turn sent to speech-to-text")
         );
     }
 }

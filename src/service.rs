@@ -934,7 +934,11 @@ impl Service {
                 });
                 if self.link.is_some() {
                     let frames = self.turn_frames_sent;
-                    self.emit(EventKind::FramesSent { frames });
+                    let to_speech_to_text = self.config.agent.protocol.text_only();
+                    self.emit(EventKind::FramesSent {
+                        frames,
+                        to_speech_to_text,
+                    });
                 }
                 self.send_link(Uplink::TurnEnd { duration_ms }, None).await;
             }
