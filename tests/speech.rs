@@ -56,15 +56,17 @@ fn have_espeak(test: &str) -> bool {
     false
 }
 
-/// The speech venv's python: `$HEARKEN_SPEECH_VENV/bin/python`, else `<target dir>/speech-venv`.
+/// The speech venv's python: `$HEARKEN_SPEECH_VENV/bin/python`, else `<target dir>/speech-venv`
+/// (for a cross build, `CARGO_TARGET_TMPDIR` is `<target dir>/<triple>/tmp`: the nearest ancestor
+/// that has one).
 fn venv_python() -> PathBuf {
     let venv = std::env::var_os("HEARKEN_SPEECH_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .parent()
-                .expect("target dir")
-                .join("speech-venv")
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let mut dirs = tmp.ancestors().skip(1).map(|d| d.join("speech-venv"));
+            let first = tmp.parent().expect("target dir").join("speech-venv");
+            dirs.find(|v| v.is_dir()).unwrap_or(first)
         });
     venv.join("bin").join("python")
 }
