@@ -872,3 +872,114 @@ async fn a_speech_service_away_at_the_start_of_a_turn_still_gets_the_whole_turn(
     assert!(ms >= 2_500, "{ms} ms");
     assert_eq!(a.stats().inputs, report.user_texts);
 }
+
+// The H2A agent killed mid-answer and started again on the same port: its listener and every
+// connection go (not just the event stream), so the device cannot resume the session and opens a new
+// one with the new process.
+
+mod common;
+
+/// Real-time sessions take turns under an emulator (see tests/session_haip.rs).
+async fn one_at_a_time_when_emulated() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    if common::emulated() {
+        Some(TURN.lock().await)
+    } else {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_the_agent_killed_mid_answer_and_restarted_answers_each_turn_once() {
+    use hearken::agent::h2a::{self as h2a, AgentSettings as H2aSettings};
+    let _turn = one_at_a_time_when_emulated().await;
+    let tmp = Scratch::new("h2a-kill");
+    // 150 ms a word: the first answer is still streaming when the agent dies.
+    let a = h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        H2aSettings {
+            delta_ms: 150,
+            ..H2aSettings::default()
+        },
+    )
+    .await
+    .expect("agent");
+    let addr = a.addr();
+    let (sp, _, tts) = speech(&["How long will it take", "Turn on the lights"]);
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 5_000)],
+        4_000,
+    );
+    let device = tokio::spawn(run_device(h2a_config(&a.url()), script, sp));
+    // Killed three words into its answer ("You said: How").
+    assert!(
+        a.log()
+            .wait_for(Duration::from_secs(20), |s| s.frames_sent >= 3)
+            .await,
+        "{:?}",
+        a.stats()
+    );
+    let first = a.stats();
+    a.shutdown().await.expect("agent shutdown");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = h2a::spawn(addr, H2aSettings::default())
+        .await
+        .expect("restart on the same port");
+    let (report, _) = device.await.expect("device");
+    let second = b.stats();
+    let asked = tts.asked.lock().expect("asked").clone();
+    let timeline: Vec<_> = report
+        .events
+        .iter()
+        .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+        .collect();
+
+    assert!(first.violations.is_empty(), "{:?}", first.violations);
+    assert!(second.violations.is_empty(), "{:?}", second.violations);
+    assert_eq!(first.messages, vec!["How long will it take"]);
+    assert!(first.frames_sent < 10, "killed mid-answer: {first:?}");
+    // The first turn's answer had begun: it is not asked again. The new process has a session of
+    // its own (the old one died with it) and answers the next turn, whole, once.
+    assert_eq!(second.resumes, 1, "{second:?}");
+    assert_eq!(second.sessions_opened, 1);
+    assert_eq!(second.messages, vec!["Turn on the lights"], "{timeline:#?}");
+    assert_eq!(second.responses_completed, 1);
+    assert_eq!(
+        report.user_texts,
+        vec!["How long will it take", "Turn on the lights"]
+    );
+    // The first answer died with its agent three words in, before a sentence was complete: none of
+    // it is spoken (not later, with the next answer, either). Nothing is spoken twice; the second
+    // answer is spoken whole.
+    assert!(!asked.iter().any(|t| t.contains("How long")), "{asked:?}");
+    for t in &asked {
+        assert_eq!(asked.iter().filter(|x| *x == t).count(), 1, "{asked:?}");
+    }
+    assert!(
+        asked.iter().any(|t| t == "You said: Turn on the lights."),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .any(|t| t == "I am the hearken reference agent."),
+        "{asked:?}"
+    );
+    assert!(report.agent_disconnects >= 1);
+    assert!(report.agent_connects >= 2, "{timeline:#?}");
+    assert_eq!(report.link.malformed, 0);
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::AgentFinished { status, .. } if status == "ok")),
+        "{timeline:#?}"
+    );
+    assert!(matches!(
+        report.events.iter().rev().find_map(|e| match &e.kind {
+            EventKind::StateChange { to, .. } => Some(*to),
+            _ => None,
+        }),
+        Some(hearken::turn::State::Idle)
+    ));
+}
