@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use hearken::protocol::h2a::{
     H2aClient, H2aPost, H2aSettings, INTERRUPT_END_WAIT_MS, INTERRUPT_LIMIT_PER_MIN,
-    MAX_FRAMES_PER_RESPONSE, MAX_RESPONSE_MS, RESUME_ACK_WAIT_MS, ResumeState,
+    MAX_FRAMES_PER_RESPONSE, MAX_RESPONSE_MS, RESUME_ACK_WAIT_MS, RESUME_REPLAY_WAIT_MS,
+    ResumeState,
 };
 use hearken::protocol::{
     Downlink, FinishStatus, Protocol, ProtocolError, SessionInfo, ToolState, Uplink, Wire,
@@ -823,4 +824,99 @@ fn captures_decode() {
             assert_eq!(answers[i], *e, "{file} answer {i}");
         }
     }
+}
+
+/// A first connection whose session got "What time is it" and dropped before any frame of its
+/// answer; the next connection's codec (sharing the resume state) with the link's re-sent turn and
+/// one the user said while disconnected.
+fn resuming_with_an_unanswered_message() -> (ResumeState, H2aClient) {
+    let state = ResumeState::default();
+    let mut first = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    first.open(0, &SessionInfo::default());
+    decode(&mut first, 0, ACK);
+    message(&mut first, 10, "What time is it");
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    assert_eq!(
+        posts(&c.open(100, &SessionInfo::default()))[0].body["type"],
+        "session.resume"
+    );
+    for t in ["What time is it", "And the date"] {
+        assert!(c.encode(100, Uplink::Text(t.into())).unwrap().is_empty());
+    }
+    (state, c)
+}
+
+const RESUMED: &str =
+    r#"{"type":"session.ack","sessionId":"ses_7f3a9b2c","resumedFromSequence":0}"#;
+
+#[test]
+fn a_message_the_resumed_agent_answers_is_not_asked_twice() {
+    let (_, mut c) = resuming_with_an_unanswered_message();
+    let (ev, replies) = decode_with_replies(&mut c, 200, RESUMED);
+    assert_eq!(
+        ev,
+        vec![Downlink::Ready {
+            session: "ses_7f3a9b2c".into()
+        }]
+    );
+    // The resumed session has the first message: it is not sent again, and the next waits for
+    // its answer.
+    assert!(replies.is_empty(), "{replies:?}");
+    assert_eq!(c.next_deadline(), Some(200 + RESUME_REPLAY_WAIT_MS));
+    let ev = decode(
+        &mut c,
+        300,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"It is noon.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "It is noon.");
+    let (ev, replies) = decode_with_replies(
+        &mut c,
+        400,
+        r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"end","content":{"reason":"complete"}}"#,
+    );
+    assert!(matches!(
+        ev.last(),
+        Some(Downlink::ResponseFinished {
+            status: FinishStatus::Ok,
+            ..
+        })
+    ));
+    let texts: Vec<&Value> = replies.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["And the date"]);
+    // Nothing is asked again later either.
+    assert!(posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS + 60_000)).is_empty());
+}
+
+#[test]
+fn a_message_the_resumed_agent_never_answers_is_asked_again() {
+    let (_, mut c) = resuming_with_an_unanswered_message();
+    let (_, replies) = decode_with_replies(&mut c, 200, RESUMED);
+    assert!(replies.is_empty(), "{replies:?}");
+    assert!(posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS - 1)).is_empty());
+    // Nothing of its answer came: asked again (digest ambiguity 4: "time out and re-ask"), then
+    // the next one after its answer.
+    let p = posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS));
+    let texts: Vec<&Value> = p.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["What time is it"]);
+}
+
+#[test]
+fn a_message_of_a_session_that_could_not_be_resumed_goes_to_the_new_one_at_once() {
+    let (state, mut c) = resuming_with_an_unanswered_message();
+    let (_, replies) = decode_with_replies(
+        &mut c,
+        200,
+        r#"{"type":"agent.frame","id":"x","frameType":"error","content":{"code":"STATE_SYNC_ERROR","message":"unknown session","severity":"error"}}"#,
+    );
+    assert_eq!(replies[0].body["type"], "session.open");
+    let (_, replies) = decode_with_replies(&mut c, 300, &ACK.replace("ses_7f3a9b2c", "ses_new"));
+    let texts: Vec<&Value> = replies.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["What time is it"]);
+    assert_eq!(state.get().session.as_deref(), Some("ses_new"));
 }

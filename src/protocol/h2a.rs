@@ -20,7 +20,10 @@
 //!   session from an earlier connection is known ([`ResumeState`], shared across codecs). A refused
 //!   resume (`STATE_SYNC_ERROR`, `SESSION_EXPIRED`, an ack for another id, or a resume that never got
 //!   its ack) opens a new session.
-//! - `session.ack` gives [`Downlink::Ready`]; transcripts sent before it wait for it.
+//! - `session.ack` gives [`Downlink::Ready`]; transcripts sent before it wait for it. After a
+//!   resumed ack, a re-sent transcript the session had already got as a `message` (its answer not
+//!   begun at the drop, [`ResumePoint::sent_unanswered`]) is held for its answer on the resumed stream
+//!   and sent again only if none begins within [`RESUME_REPLAY_WAIT_MS`]: never answered twice.
 //! - Each [`Uplink::Text`] goes as a `message` (`content: {text}`); with a confirmation pending, the
 //!   renderer's `[Confirmed] ..` / `[Denied] ..` answers go as `confirm` / `deny` instead; one left
 //!   unanswered past its `timeout` is denied (`reason: "timeout"`).
@@ -66,6 +69,9 @@ pub const INTERRUPT_LIMIT_PER_MIN: usize = 10;
 pub const INTERRUPT_END_WAIT_MS: u64 = 2_000;
 /// A `session.resume` without its ack by now is treated as refused.
 pub const RESUME_ACK_WAIT_MS: u64 = 5_000;
+/// After a resumed ack, how long to wait for the answer to a message the session had already got
+/// before asking again (digest ambiguity 4: neither reference replays).
+pub const RESUME_REPLAY_WAIT_MS: u64 = 5_000;
 
 /// Where the transport sends one outgoing body. Serialised as the envelope in the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +113,9 @@ pub struct ResumePoint {
     /// The id of the response that was streaming when the connection dropped: a resumed session
     /// continues it under the same id, so the device goes on speaking it instead of starting over.
     pub open_response: Option<String>,
+    /// Messages the session got whose answer has not begun, oldest first. The link re-sends them
+    /// after a drop; a resumed session answers them itself, so they are held, not sent twice.
+    pub sent_unanswered: Vec<String>,
 }
 
 impl ResumeState {
@@ -192,6 +201,10 @@ pub struct H2aClient {
     blocked_until_ms: u64,
     interrupts_ms: VecDeque<u64>,
     last_sequence: u64,
+    /// After a resumed ack: re-sent messages the session already has, waiting for their answer on
+    /// the resumed stream until `held_until`, then asked again.
+    held: VecDeque<String>,
+    held_until: Option<u64>,
     events: Vec<Downlink>,
     stats: CodecStats,
 }
@@ -210,6 +223,8 @@ impl H2aClient {
             blocked_until_ms: 0,
             interrupts_ms: VecDeque::new(),
             last_sequence: 0,
+            held: VecDeque::new(),
+            held_until: None,
             events: Vec::new(),
             stats: CodecStats::default(),
         }
@@ -303,12 +318,36 @@ impl H2aClient {
         r.id.clone()
     }
 
+    /// The oldest message sent has its answer begun (or ended without one): the session needs it no
+    /// more, and a held one is answered.
+    fn message_settled(
+        state: &ResumeState,
+        held: &mut VecDeque<String>,
+        held_until: &mut Option<u64>,
+    ) {
+        state.update(|p| {
+            if !p.sent_unanswered.is_empty() {
+                p.sent_unanswered.remove(0);
+            }
+        });
+        if held.pop_front().is_some() && held.is_empty() {
+            *held_until = None;
+        }
+    }
+
     /// Close the open response (if any) with `status`.
     fn finish(&mut self, status: FinishStatus, out: &mut Vec<Downlink>) {
         self.settings
             .resume_state
             .update(|p| p.open_response = None);
         if let Some(r) = self.response.take() {
+            if r.frames == 0 && !r.cancelled {
+                Self::message_settled(
+                    &self.settings.resume_state,
+                    &mut self.held,
+                    &mut self.held_until,
+                );
+            }
             if r.cancelled {
                 // Already closed locally at the interrupt or the limit.
                 return;
@@ -334,6 +373,13 @@ impl H2aClient {
         if let Some(r) = self.response.as_mut() {
             if r.cancelled {
                 return;
+            }
+            if r.frames == 0 {
+                Self::message_settled(
+                    &self.settings.resume_state,
+                    &mut self.held,
+                    &mut self.held_until,
+                );
             }
             r.cancelled = true;
             r.cancel_deadline = Some(now_ms + INTERRUPT_END_WAIT_MS);
@@ -396,21 +442,28 @@ impl H2aClient {
             }
             // Anything else settles the question; it goes as a message.
         }
-        if self.response.is_some() {
+        if self.response.is_some() || !self.held.is_empty() {
             // One response at a time: the agent answers in order anyway, and late frames of an
             // interrupted response would otherwise be read as the new one's. It goes at the `end`
-            // (at most INTERRUPT_END_WAIT_MS after an interrupt).
+            // (at most INTERRUPT_END_WAIT_MS after an interrupt), or after the held messages.
             self.queue.push_back(Uplink::Text(text));
             return Ok(Vec::new());
         }
         let w = self.signal("message", json!({"text": text}))?;
+        self.settings
+            .resume_state
+            .update(|p| p.sent_unanswered.push(text));
         self.begin_response(now_ms);
         Ok(vec![w])
     }
 
     fn flush_queue(&mut self, now_ms: u64) -> Vec<Wire> {
         let mut out = Vec::new();
-        while self.response.is_none() && self.session.is_some() && now_ms >= self.blocked_until_ms {
+        while self.response.is_none()
+            && self.held.is_empty()
+            && self.session.is_some()
+            && now_ms >= self.blocked_until_ms
+        {
             let Some(up) = self.queue.pop_front() else {
                 break;
             };
@@ -455,6 +508,27 @@ impl H2aClient {
             p.resume_pending = false;
         });
         self.session = Some(id.clone());
+        if resumed_ok {
+            // The link re-sent every turn it saw no answer to. Those this session already got, it
+            // answers on the resumed stream: hold them, and ask again only if nothing comes.
+            for t in self.settings.resume_state.get().sent_unanswered {
+                let pos = self
+                    .queue
+                    .iter()
+                    .position(|u| matches!(u, Uplink::Text(x) if *x == t));
+                if let Some(i) = pos {
+                    self.queue.remove(i);
+                    self.held.push_back(t);
+                }
+            }
+            if !self.held.is_empty() {
+                tracing::info!(
+                    held = self.held.len(),
+                    "h2a: the resumed session has the unanswered messages; waiting for the answers"
+                );
+                self.held_until = Some(now_ms + RESUME_REPLAY_WAIT_MS);
+            }
+        }
         out.push(Downlink::Ready { session: id });
         self.flush_queue(now_ms)
     }
@@ -511,6 +585,11 @@ impl H2aClient {
         r.bytes += bytes;
         if r.frames == 1 {
             out.push(Downlink::ResponseStarted { id: r.id.clone() });
+            Self::message_settled(
+                &self.settings.resume_state,
+                &mut self.held,
+                &mut self.held_until,
+            );
         }
         let over = if r.frames > MAX_FRAMES_PER_RESPONSE {
             Some(format!(
@@ -896,6 +975,8 @@ impl Protocol for H2aClient {
         self.session = None;
         self.resuming = None;
         self.queue.clear();
+        self.held.clear();
+        self.held_until = None;
         self.response = None;
         self.confirm = None;
         let prev = self.settings.resume_state.get();
@@ -1010,6 +1091,21 @@ impl Protocol for H2aClient {
                     .ok(),
             );
         }
+        if self.held_until.is_some_and(|d| now_ms >= d) {
+            // Nothing of their answers came on the resumed stream: ask again, in order, first.
+            tracing::info!(
+                held = self.held.len(),
+                "h2a: no answer on the resumed session; asking again"
+            );
+            self.held_until = None;
+            let held = std::mem::take(&mut self.held);
+            self.settings.resume_state.update(|p| {
+                p.sent_unanswered.retain(|t| !held.contains(t));
+            });
+            for t in held.into_iter().rev() {
+                self.queue.push_front(Uplink::Text(t));
+            }
+        }
         let mut events = Vec::new();
         if let Some(r) = &self.response {
             if r.cancelled {
@@ -1037,7 +1133,10 @@ impl Protocol for H2aClient {
     }
 
     fn next_deadline(&self) -> Option<u64> {
-        let mut d = self.resuming;
+        let mut d = self.resuming.or(self.held_until);
+        if let (Some(a), Some(b)) = (self.resuming, self.held_until) {
+            d = Some(a.min(b));
+        }
         let mut take = |x: Option<u64>| {
             if let Some(x) = x {
                 d = Some(d.map_or(x, |d| d.min(x)));
