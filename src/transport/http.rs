@@ -220,7 +220,7 @@ impl Shared {
                     let stream = tls
                         .connect(name, tcp)
                         .await
-                        .map_err(|e| TransportError::Tls(e.to_string()))?;
+                        .map_err(|e| ws::tls_handshake_error(&e))?;
                     exchange(stream, &req, limit).await
                 }
             }
