@@ -269,7 +269,9 @@ fn complete(raw: &[u8]) -> Option<usize> {
     let head_end = find(raw, b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
     if head.contains("transfer-encoding: chunked") {
-        return find(&raw[head_end..], b"0\r\n\r\n").map(|i| head_end + i + 5);
+        // Walk the chunks: searching for "0\r\n\r\n" would also find it inside a chunk (a size
+        // ending in 0 before data that starts with a blank line) and cut the body short.
+        return chunked_end(&raw[head_end..]).map(|n| head_end + n);
     }
     let len = head
         .lines()
@@ -340,17 +342,49 @@ fn parse_response(raw: &[u8], limit: usize) -> Result<Option<String>, TransportE
     }
 }
 
+/// One chunk-size line at the start of `b`: the size and the length of the line with its CRLF.
+fn chunk_size(b: &[u8]) -> Option<(usize, usize)> {
+    let eol = find(b, b"\r\n")?;
+    let size_text = std::str::from_utf8(&b[..eol]).ok()?;
+    let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+    Some((size, eol + 2))
+}
+
+/// The length of a complete chunked body at the start of `b` (its last chunk and trailers included);
+/// `None` while incomplete or when it cannot be read.
+fn chunked_end(b: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let (size, line) = chunk_size(&b[at..])?;
+        at += line;
+        if size == 0 {
+            // Trailer lines, then an empty one.
+            loop {
+                let eol = find(&b[at..], b"\r\n")?;
+                at += eol + 2;
+                if eol == 0 {
+                    return Some(at);
+                }
+            }
+        }
+        // A size near usize::MAX from a broken or hostile server must not overflow.
+        let next = at.checked_add(size)?.checked_add(2)?;
+        if b.len() < next {
+            return None;
+        }
+        at = next;
+    }
+}
+
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = find(b, b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
+        let (size, line) = chunk_size(b)?;
+        b = &b[line..];
         if size == 0 {
             return Some(out);
         }
-        if b.len() < size + 2 {
+        if b.len() < size.checked_add(2)? {
             return None;
         }
         out.extend_from_slice(&b[..size]);
@@ -506,6 +540,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, TransportError::Insecure(_)), "{e}");
+        // It names the scheme that was used (not only the WebSocket one) and the way out.
+        assert!(
+            e.to_string().contains("http://") && e.to_string().contains("https://"),
+            "{e}"
+        );
         for bad in ["ws://h/", "http://", "http://h:0/", "http://u:p@h/"] {
             assert!(
                 matches!(
@@ -526,5 +565,38 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(dechunk(b"3\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_chunks_say() {
+        // A chunk of 0x10 bytes whose data starts with a blank line: "10\r\n\r\n" holds
+        // "0\r\n\r\n", which is not the end.
+        let body = b"10\r\n\r\n{\"id\":1,\"a\":2}\r\n0\r\n\r\n";
+        assert_eq!(chunked_end(body), Some(body.len()));
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let raw = [&head[..], &body[..]].concat();
+        assert_eq!(complete(&raw), Some(raw.len()));
+        assert_eq!(
+            parse_response(&raw, 4096).unwrap().as_deref(),
+            Some("{\"id\":1,\"a\":2}")
+        );
+        // Incomplete: not yet; trailers are part of it.
+        assert_eq!(chunked_end(&body[..body.len() - 2]), None);
+        let trailers = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(chunked_end(trailers), Some(trailers.len()));
+        assert_eq!(chunked_end(&trailers[..trailers.len() - 2]), None);
+    }
+
+    #[test]
+    fn a_huge_chunk_size_is_an_error_not_a_panic() {
+        let body = b"ffffffffffffffff\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(chunked_end(body), None);
+        assert_eq!(dechunk(body), None);
+        let raw = [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            &body[..],
+        ]
+        .concat();
+        assert!(parse_response(&raw, 4096).is_err());
     }
 }

@@ -61,8 +61,10 @@ pub enum TransportError {
     /// The URL cannot be used at all (config error).
     #[error("agent.url: {0}")]
     Url(String),
-    /// `ws://` to a host that is not loopback without `allow_insecure` (config error).
-    #[error("refusing unencrypted ws:// to {0}: use wss:// or set agent.allow_insecure = true")]
+    /// `ws://` or `http://` to a host that is not loopback without `allow_insecure` (config error).
+    #[error(
+        "refusing an unencrypted connection (ws:// or http://) to {0}: use wss:// or https://, or set agent.allow_insecure = true"
+    )]
     Insecure(String),
     #[error("connect: {0}")]
     Connect(#[source] io::Error),
