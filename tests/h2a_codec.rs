@@ -920,3 +920,63 @@ fn a_message_of_a_session_that_could_not_be_resumed_goes_to_the_new_one_at_once(
     assert_eq!(texts, vec!["What time is it"]);
     assert_eq!(state.get().session.as_deref(), Some("ses_new"));
 }
+
+/// The id of the response a decoded batch started.
+fn started_id(events: &[Downlink]) -> String {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Downlink::ResponseStarted { id } => Some(id.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ResponseStarted in {events:?}"))
+}
+
+#[test]
+fn the_answer_after_an_interrupted_one_has_an_id_of_its_own() {
+    // The device drops everything of a cancelled answer by its id: the next answer must not
+    // share it, whether the interrupted one ended with `end` or by the local timeout.
+    for with_end in [true, false] {
+        let mut c = opened();
+        message(&mut c, 0, "one");
+        let first = started_id(&decode(
+            &mut c,
+            5,
+            r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"x","final":false}"#,
+        ));
+        assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+        let at = if with_end {
+            decode(
+                &mut c,
+                20,
+                r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"end","content":{"reason":"interrupted"}}"#,
+            );
+            30
+        } else {
+            assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+            10 + INTERRUPT_END_WAIT_MS
+        };
+        assert!(!c.in_response());
+        message(&mut c, at, "two");
+        let second = started_id(&decode(
+            &mut c,
+            at + 5,
+            r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"text","content":"y","final":false}"#,
+        ));
+        assert_ne!(first, second, "with_end {with_end}");
+        // And a message answered in full before the next: ids differ too.
+        let ev = decode(
+            &mut c,
+            at + 6,
+            r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"end","content":{"reason":"complete"}}"#,
+        );
+        assert!(matches!(ev.last(), Some(Downlink::ResponseFinished { id, .. }) if *id == second));
+        message(&mut c, at + 10, "three");
+        let third = started_id(&decode(
+            &mut c,
+            at + 15,
+            r#"{"type":"agent.frame","id":"e","sequence":5,"frameType":"text","content":"z","final":true}"#,
+        ));
+        assert!(third != first && third != second);
+    }
+}

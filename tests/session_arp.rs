@@ -566,10 +566,16 @@ async fn h2a_barge_in_sends_interrupt_and_the_next_turn_is_answered() {
     )
     .await
     .expect("agent");
-    let (sp, _, _) = speech(&["What is the weather", "Stop wait a moment"]);
+    let (sp, _, tts) = speech(&["What is the weather", "Stop wait a moment"]);
     let script = tmp.script(&[("question.wav", 300), ("barge_in.wav", 2_500)], 4_000);
     let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
     let s = a.stats();
+    // The answer to the turn that barged in is spoken.
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert!(
+        asked.iter().any(|t| t == "You said: Stop wait a moment."),
+        "{asked:?}"
+    );
     assert!(s.violations.is_empty(), "{:?}", s.violations);
     assert_eq!(report.barge_ins, 1);
     assert_eq!(s.interrupts, 1, "{s:?}");

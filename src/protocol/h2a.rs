@@ -292,10 +292,15 @@ impl H2aClient {
         Self::session_post(self.session_open())
     }
 
-    fn begin_response(&mut self, now_ms: u64) {
+    /// A response begins: the answer to a message just sent (`continuing` false: always a new id), or
+    /// frames with no response open (`continuing` true: on a resumed session, the one the drop cut
+    /// goes on under its id).
+    fn begin_response(&mut self, now_ms: u64, continuing: bool) {
         let point = self.settings.resume_state.get();
         let id = match point.open_response {
-            Some(id) if point.session.is_some() && point.session == self.session => id,
+            Some(id) if continuing && point.session.is_some() && point.session == self.session => {
+                id
+            }
             _ => {
                 self.responses += 1;
                 format!("h2a-{}-{}", self.id_prefix, self.responses)
@@ -381,6 +386,11 @@ impl H2aClient {
                     &mut self.held_until,
                 );
             }
+            // Closed here: nothing continues it after a resume, and its id is not reused (the voice
+            // bridge drops every later event of a cancelled answer by that id).
+            self.settings
+                .resume_state
+                .update(|p| p.open_response = None);
             r.cancelled = true;
             r.cancel_deadline = Some(now_ms + INTERRUPT_END_WAIT_MS);
             if r.text_open {
@@ -453,7 +463,7 @@ impl H2aClient {
         self.settings
             .resume_state
             .update(|p| p.sent_unanswered.push(text));
-        self.begin_response(now_ms);
+        self.begin_response(now_ms, false);
         Ok(vec![w])
     }
 
@@ -568,7 +578,7 @@ impl H2aClient {
         }
         if self.response.is_none() {
             // Agent-initiated (a replay after resume, a toast): a response of its own.
-            self.begin_response(now_ms);
+            self.begin_response(now_ms, true);
         }
         let Some(r) = self.response.as_mut() else {
             return (out, replies);
