@@ -1,6 +1,8 @@
 //! HTTP POST transport for a JSON-RPC gateway (HAP defines none; a deployment puts its own in front
 //! of an agent): every frame the codec sends is one `POST` of `application/json` to the configured
-//! URL, and the response body is the frame received. An empty 2xx body (202/204) yields nothing.
+//! URL, and the response body is the frame received. An empty 2xx body (202/204) yields nothing; a
+//! 4xx/5xx whose body is a JSON-RPC response (an error for that call) is received like a 2xx, any
+//! other is a connection error.
 //!
 //! - A small HTTP/1.1 client on tokio: one TCP (or rustls TLS, the WebSocket transport's trust setup)
 //!   connection per request, `Connection: close`, `Content-Length` or chunked bodies, the whole
@@ -327,6 +329,10 @@ fn parse_response(raw: &[u8], limit: usize) -> Result<Option<String>, TransportE
         401 | 403 => Err(TransportError::Auth(format!(
             "HTTP {status} from the agent"
         ))),
+        // JSON-RPC over HTTP commonly answers a failed call with 4xx/5xx and the JSON-RPC error as
+        // the body: that is the call's answer (the codec ends the turn with its message), not a
+        // broken connection to drop and retry.
+        _ if is_json_rpc_response(&text) => Ok(Some(text)),
         _ => {
             let first: String = text
                 .lines()
@@ -374,6 +380,15 @@ fn chunked_end(b: &[u8]) -> Option<usize> {
         }
         at = next;
     }
+}
+
+/// A JSON-RPC response object: `jsonrpc`, an `id`, and a `result` or an `error`.
+fn is_json_rpc_response(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| {
+        v.get("jsonrpc").is_some()
+            && v.get("id").is_some()
+            && (v.get("error").is_some() || v.get("result").is_some())
+    })
 }
 
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
@@ -521,6 +536,26 @@ mod tests {
         assert!(seen[0].contains("Content-Type: application/json\r\n"));
         assert!(seen[0].ends_with("\"method\":\"tools/list\",\"params\":{}}"));
         assert!(!e.to_string().contains("sekrit"));
+    }
+
+    #[tokio::test]
+    async fn a_json_rpc_error_with_an_error_status_is_the_calls_answer() {
+        let (url, task) = server(vec![
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 81\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":3,\"error\":{\"code\":-32603,\"message\":\"Tool not found: nope\"}}",
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 25\r\n\r\n{\"error\":\"upstream down\"}",
+        ])
+        .await;
+        let mut c = connect(&settings(&url)).await.unwrap();
+        c.send(Wire::Text("{}".into())).await.unwrap();
+        let Some(Ok(Wire::Text(t))) = c.recv().await else {
+            panic!("the JSON-RPC error is passed up")
+        };
+        assert!(t.contains("Tool not found: nope"), "{t}");
+        // JSON that is not a JSON-RPC response is still an HTTP error.
+        c.send(Wire::Text("{}".into())).await.unwrap();
+        let e = c.recv().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("HTTP 502"), "{e}");
+        task.await.unwrap();
     }
 
     #[tokio::test]
