@@ -980,3 +980,48 @@ fn the_answer_after_an_interrupted_one_has_an_id_of_its_own() {
         assert!(third != first && third != second);
     }
 }
+
+#[test]
+fn what_a_resumed_session_replays_of_an_interrupted_answer_is_not_spoken() {
+    let state = ResumeState::default();
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    c.open(0, &SessionInfo::default());
+    decode(&mut c, 0, ACK);
+    message(&mut c, 0, "Tell me a long story");
+    let ev = decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"Once upon ","final":false}"#,
+    );
+    assert_eq!(spoken(&ev), "Once upon ");
+    assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+    // The stream drops before the interrupted answer's end; the next connection resumes, and the
+    // agent (which streamed on after the interrupt) replays the rest.
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    c.open(100, &SessionInfo::default());
+    decode(&mut c, 110, RESUMED);
+    let mut ev = Vec::new();
+    for raw in [
+        r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"text","content":"a time there was","final":true}"#,
+        r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"end","content":{"reason":"interrupted"}}"#,
+    ] {
+        ev.extend(decode(&mut c, 120, raw));
+    }
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(c.stats().cancelled_run_frames_dropped, 2);
+    assert!(!c.in_response());
+    // After its end, the next answer is spoken as usual.
+    message(&mut c, 130, "Stop");
+    let ev = decode(
+        &mut c,
+        140,
+        r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"text","content":"Stopped.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "Stopped.");
+}

@@ -116,6 +116,9 @@ pub struct ResumePoint {
     /// Messages the session got whose answer has not begun, oldest first. The link re-sends them
     /// after a drop; a resumed session answers them itself, so they are held, not sent twice.
     pub sent_unanswered: Vec<String>,
+    /// The response streaming at the drop had been cancelled (a barge-in, a limit) and had not
+    /// ended: what a resumed session replays of it is dropped too, until its `end`.
+    pub cancelled_open: bool,
 }
 
 impl ResumeState {
@@ -340,6 +343,14 @@ impl H2aClient {
         }
     }
 
+    /// The cancelled response is over (its `end`, a terminal error, or the wait for them ran out).
+    fn cancelled_over(&mut self) {
+        self.response = None;
+        self.settings
+            .resume_state
+            .update(|p| p.cancelled_open = false);
+    }
+
     /// Close the open response (if any) with `status`.
     fn finish(&mut self, status: FinishStatus, out: &mut Vec<Downlink>) {
         self.settings
@@ -386,11 +397,13 @@ impl H2aClient {
                     &mut self.held_until,
                 );
             }
-            // Closed here: nothing continues it after a resume, and its id is not reused (the voice
-            // bridge drops every later event of a cancelled answer by that id).
-            self.settings
-                .resume_state
-                .update(|p| p.open_response = None);
+            // Closed here: nothing continues it after a resume (its replayed rest is dropped), and
+            // its id is not reused (the voice bridge drops every later event of a cancelled answer
+            // by that id).
+            self.settings.resume_state.update(|p| {
+                p.open_response = None;
+                p.cancelled_open = true;
+            });
             r.cancelled = true;
             r.cancel_deadline = Some(now_ms + INTERRUPT_END_WAIT_MS);
             if r.text_open {
@@ -577,8 +590,19 @@ impl H2aClient {
             return self.on_error(now_ms, v, &content);
         }
         if self.response.is_none() {
-            // Agent-initiated (a replay after resume, a toast): a response of its own.
-            self.begin_response(now_ms, true);
+            let point = self.settings.resume_state.get();
+            if point.cancelled_open && point.session.is_some() && point.session == self.session {
+                // The rest of an answer cancelled before the drop, replayed by the resumed
+                // session: dropped as its live frames were.
+                self.response = Some(Response {
+                    cancelled: true,
+                    cancel_deadline: Some(now_ms + INTERRUPT_END_WAIT_MS),
+                    ..Response::default()
+                });
+            } else {
+                // Agent-initiated (a replay after resume, a toast): a response of its own.
+                self.begin_response(now_ms, true);
+            }
         }
         let Some(r) = self.response.as_mut() else {
             return (out, replies);
@@ -586,7 +610,7 @@ impl H2aClient {
         if r.cancelled {
             self.stats.cancelled_run_frames_dropped += 1;
             if frame_type == "end" {
-                self.response = None;
+                self.cancelled_over();
                 replies.extend(self.flush_queue(now_ms));
             }
             return (out, replies);
@@ -817,7 +841,7 @@ impl H2aClient {
         {
             // An error ends the cancelled response as well as an end would.
             self.stats.cancelled_run_frames_dropped += 1;
-            self.response = None;
+            self.cancelled_over();
             return (out, self.flush_queue(now_ms));
         }
         if code == "RATE_LIMITED" {
@@ -1121,7 +1145,7 @@ impl Protocol for H2aClient {
             if r.cancelled {
                 if r.cancel_deadline.is_some_and(|d| now_ms >= d) {
                     // No end after the interrupt (the Python reference drops it): it is over.
-                    self.response = None;
+                    self.cancelled_over();
                 }
             } else if r.frames > 0 && now_ms.saturating_sub(r.started_ms) >= MAX_RESPONSE_MS {
                 let mut replies = Vec::new();
