@@ -989,3 +989,94 @@ async fn h2a_the_agent_killed_mid_answer_and_restarted_answers_each_turn_once() 
         Some(hearken::turn::State::Idle)
     ));
 }
+
+/// Transcribes turn N (in the order the turns began) as `lines[N]`, `delay_ms` after its audio
+/// ends, as a slow recogniser does.
+struct SlowStt {
+    lines: Vec<String>,
+    delay_ms: u64,
+    calls: Mutex<usize>,
+}
+
+impl SpeechToText for SlowStt {
+    fn describe(&self) -> String {
+        "slow".into()
+    }
+    fn transcribe<'a>(
+        &'a self,
+        _rate_hz: u32,
+        mut audio: mpsc::Receiver<Vec<i16>>,
+        _cancel: CancellationToken,
+    ) -> SpeechFuture<'a, Transcript> {
+        let n = {
+            let mut c = self.calls.lock().expect("calls");
+            *c += 1;
+            *c - 1
+        };
+        Box::pin(async move {
+            while audio.recv().await.is_some() {}
+            tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+            Ok(Transcript {
+                text: self.lines.get(n).cloned().unwrap_or_default(),
+                language: None,
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_words_still_being_transcribed_when_the_user_goes_on_are_one_turn() {
+    let _turn = one_at_a_time_when_emulated().await;
+    let tmp = Scratch::new("h2a-merge");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings::default(),
+    )
+    .await
+    .expect("agent");
+    // The first part's transcript takes 2 s; the user goes on 1 s after the first part's end, so
+    // that turn has ended (700 ms of silence) but its words are not in when the next one starts.
+    let stt = Arc::new(SlowStt {
+        lines: vec!["How long will it take".into(), "to get to work".into()],
+        delay_ms: 2_000,
+        calls: Mutex::new(0),
+    });
+    let tts = Arc::new(ToneTts::default());
+    let sp = Speech {
+        stt: stt.clone(),
+        tts: tts.clone(),
+    };
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 1_000)],
+        5_000,
+    );
+    let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
+    let s = a.stats();
+    let timeline: Vec<_> = report
+        .events
+        .iter()
+        .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+        .collect();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(*stt.calls.lock().expect("calls"), 2, "{timeline:#?}");
+    // The user went on before the first part's words were in: the second turn replaced the first
+    // (the device cancels an answer not yet begun when the user speaks again), so the first part's
+    // words go with it, as one message, answered once. Not the first part alone, answered, and
+    // then the rest.
+    assert_eq!(
+        s.messages,
+        vec!["How long will it take to get to work"],
+        "{timeline:#?}"
+    );
+    assert_eq!(report.user_texts, s.messages);
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|t| t.starts_with("You said:"))
+            .collect::<Vec<_>>(),
+        vec!["You said: How long will it take to get to work."],
+        "{asked:?}"
+    );
+    assert_eq!(report.not_understood, 0);
+}
