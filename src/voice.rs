@@ -5,7 +5,9 @@
 //!   they come; at the end of the turn the transcript (or, when the renderer asked a question, the
 //!   matching answer) goes to the agent as text. The turn's audio is kept until its transcript is in,
 //!   so a speech service that was briefly away is asked again ([`STT_RETRIES`]) instead of losing the
-//!   user's words.
+//!   user's words. When the user goes on speaking before a turn's transcript is in and that cancels
+//!   the answer it awaited (the new turn replaces it), the pending words join the new turn's as one
+//!   message ([`VoiceBridge::turn_result`]) instead of being answered alone.
 //! - Downlink: text deltas, components and patches go through the [`Renderer`]; each sentence it
 //!   completes is queued for [`TextToSpeech`] at once (the first sentence plays while the rest of the
 //!   reply streams in). One speaker task synthesizes the queue in order and hands the audio to the DSP
