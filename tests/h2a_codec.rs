@@ -1025,3 +1025,62 @@ fn what_a_resumed_session_replays_of_an_interrupted_answer_is_not_spoken() {
     );
     assert_eq!(spoken(&ev), "Stopped.");
 }
+
+#[test]
+fn an_agent_that_streams_on_after_an_interrupt_is_not_heard_after_the_wait() {
+    // The TS mock answers an interrupt 200 and streams the answer to its end (digest, mock
+    // behaviour). Past INTERRUPT_END_WAIT_MS the next message need not wait, but what still comes
+    // of the interrupted answer is not a new answer to speak.
+    let mut c = opened();
+    message(&mut c, 0, "Tell me everything");
+    decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"Well, ","final":false}"#,
+    );
+    assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+    assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+    assert!(!c.in_response(), "the next message may go");
+    let mut ev = Vec::new();
+    for (t, raw) in [
+        (
+            2_500,
+            r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"text","content":"there is a lot ","final":false}"#,
+        ),
+        (
+            3_000,
+            r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"text","content":"to say.","final":true}"#,
+        ),
+        (
+            3_100,
+            r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"end","content":{"reason":"complete"}}"#,
+        ),
+    ] {
+        ev.extend(decode(&mut c, t, raw));
+        c.poll(t);
+    }
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(c.stats().cancelled_run_frames_dropped, 3);
+    // A message during the lingering ends it: it goes at once, and its answer is spoken.
+    message(&mut c, 4_000, "Stop");
+    let ev = decode(
+        &mut c,
+        4_100,
+        r#"{"type":"agent.frame","id":"e","sequence":5,"frameType":"text","content":"Stopped.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "Stopped.");
+    // Lingering, then a message before any more frames: sent at once as well.
+    let mut c = opened();
+    message(&mut c, 0, "one");
+    decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"x","final":false}"#,
+    );
+    c.encode(10, Uplink::Interrupt).unwrap();
+    assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+    assert_eq!(
+        message(&mut c, 10 + INTERRUPT_END_WAIT_MS + 1, "two").body["content"]["text"],
+        "two"
+    );
+}

@@ -36,8 +36,8 @@
 //!   pair).
 //! - [`Uplink::Interrupt`] sends `interrupt {scope:"current"}` once per response and at most
 //!   [`INTERRUPT_LIMIT_PER_MIN`] a minute; the interrupted response's late frames are dropped
-//!   (counted in [`CodecStats::cancelled_run_frames_dropped`]) until its `end`, or
-//!   [`INTERRUPT_END_WAIT_MS`] without one.
+//!   (counted in [`CodecStats::cancelled_run_frames_dropped`]) until its `end` or the next message.
+//!   That message waits for the `end` at most [`INTERRUPT_END_WAIT_MS`].
 //! - Limits per response (security addendum S3): [`MAX_FRAMES_PER_RESPONSE`], [`MAX_BYTES_PER_RESPONSE`],
 //!   [`MAX_RESPONSE_MS`]; beyond them the response is closed locally, an `interrupt` goes out, a
 //!   non-fatal [`Downlink::Error`] is emitted and the rest of the response is dropped.
@@ -173,6 +173,9 @@ struct Response {
     messages: u32,
     /// Interrupted (or over a limit): its frames are dropped until `end`.
     cancelled: bool,
+    /// Until then, the next message waits for the cancelled response's `end`. Past it (`None` again)
+    /// the response lingers: its frames are still dropped until an `end`, but the next message goes
+    /// at once and ends it.
     cancel_deadline: Option<u64>,
     /// Tool calls in flight: (key, call id, name).
     tools: Vec<(String, String, String)>,
@@ -245,7 +248,21 @@ impl H2aClient {
 
     /// A response is streaming (or awaited after a message).
     pub fn in_response(&self) -> bool {
-        self.response.is_some()
+        self.response.as_ref().is_some_and(|r| !Self::lingering(r))
+    }
+
+    /// A cancelled response whose `end` did not come in time (an agent that ignores the interrupt
+    /// and streams on, or sends no `end` after it).
+    fn lingering(r: &Response) -> bool {
+        r.cancelled && r.cancel_deadline.is_none()
+    }
+
+    /// A message is about to go: a lingering cancelled response is over for good (what follows is
+    /// the new one's).
+    fn drop_lingering(&mut self) {
+        if self.response.as_ref().is_some_and(Self::lingering) {
+            self.cancelled_over();
+        }
     }
 
     /// The `session.open` body (strict: no proposed id).
@@ -465,6 +482,7 @@ impl H2aClient {
             }
             // Anything else settles the question; it goes as a message.
         }
+        self.drop_lingering();
         if self.response.is_some() || !self.held.is_empty() {
             // One response at a time: the agent answers in order anyway, and late frames of an
             // interrupted response would otherwise be read as the new one's. It goes at the `end`
@@ -482,6 +500,13 @@ impl H2aClient {
 
     fn flush_queue(&mut self, now_ms: u64) -> Vec<Wire> {
         let mut out = Vec::new();
+        if !self.queue.is_empty()
+            && self.held.is_empty()
+            && self.session.is_some()
+            && now_ms >= self.blocked_until_ms
+        {
+            self.drop_lingering();
+        }
         while self.response.is_none()
             && self.held.is_empty()
             && self.session.is_some()
@@ -1141,11 +1166,13 @@ impl Protocol for H2aClient {
             }
         }
         let mut events = Vec::new();
-        if let Some(r) = &self.response {
+        if let Some(r) = self.response.as_mut() {
             if r.cancelled {
                 if r.cancel_deadline.is_some_and(|d| now_ms >= d) {
-                    // No end after the interrupt (the Python reference drops it): it is over.
-                    self.cancelled_over();
+                    // No end after the interrupt (the Python reference drops it; the TS mock
+                    // streams on): the next message need not wait any more, but what comes of
+                    // this one is still dropped until an end or that message.
+                    r.cancel_deadline = None;
                 }
             } else if r.frames > 0 && now_ms.saturating_sub(r.started_ms) >= MAX_RESPONSE_MS {
                 let mut replies = Vec::new();
