@@ -28,7 +28,7 @@ use crate::protocol::{AudioCodec, CodecStats};
 use crate::protocol::{Decoded, Downlink, Protocol, SessionInfo, Uplink, Wire};
 use crate::transport::ws::{self, WsSettings};
 use crate::transport::{AgentConnection, Backoff};
-use crate::voice::{Speech, VoiceBridge, VoiceEvent};
+use crate::voice::{Speech, TurnText, VoiceBridge, VoiceEvent};
 
 /// A command for the link.
 #[derive(Debug)]
@@ -376,31 +376,37 @@ impl Link {
     /// A report of the voice bridge; returns the uplink items it produced (the turn as text).
     async fn on_voice(&mut self, ev: VoiceEvent) -> Vec<LinkCmd> {
         match ev {
-            VoiceEvent::Transcript { said, .. } => {
-                let text = match &mut self.voice {
-                    Some(v) => v.answer(&said),
-                    None => said.clone(),
+            VoiceEvent::Transcript { said, turn, .. } => {
+                let result = match &mut self.voice {
+                    Some(v) => v.turn_result(turn, Some(said)),
+                    None => TurnText::Send(said),
                 };
-                self.emit(LinkEvent::Transcript {
-                    said,
-                    text: text.clone(),
-                })
-                .await;
-                vec![
-                    LinkCmd {
-                        up: Uplink::Text(text),
-                        frame: None,
-                    },
-                    // Marks the end of the turn for `answered`.
-                    LinkCmd {
-                        up: Uplink::TurnEnd { duration_ms: 0 },
-                        frame: None,
-                    },
-                ]
+                match result {
+                    TurnText::Send(said) => self.user_turn(said).await,
+                    TurnText::Held => Vec::new(),
+                    TurnText::NotUnderstood => {
+                        self.emit(LinkEvent::NotUnderstood {
+                            reason: "nothing recognisable was said".into(),
+                        })
+                        .await;
+                        Vec::new()
+                    }
+                }
             }
-            VoiceEvent::NotUnderstood { reason } => {
-                self.emit(LinkEvent::NotUnderstood { reason }).await;
-                Vec::new()
+            VoiceEvent::NotUnderstood { reason, turn } => {
+                let result = match &mut self.voice {
+                    Some(v) => v.turn_result(turn, None),
+                    None => TurnText::NotUnderstood,
+                };
+                match result {
+                    // Words of earlier turns that waited for this one.
+                    TurnText::Send(said) => self.user_turn(said).await,
+                    TurnText::Held => Vec::new(),
+                    TurnText::NotUnderstood => {
+                        self.emit(LinkEvent::NotUnderstood { reason }).await;
+                        Vec::new()
+                    }
+                }
             }
             VoiceEvent::ComponentSpoken { kind, text } => {
                 self.emit(LinkEvent::ComponentSpoken { kind, text }).await;
@@ -416,6 +422,30 @@ impl Link {
                 Vec::new()
             }
         }
+    }
+
+    /// The user's turn as text: reported, and the uplink items that carry it.
+    async fn user_turn(&mut self, said: String) -> Vec<LinkCmd> {
+        let text = match &mut self.voice {
+            Some(v) => v.answer(&said),
+            None => said.clone(),
+        };
+        self.emit(LinkEvent::Transcript {
+            said,
+            text: text.clone(),
+        })
+        .await;
+        vec![
+            LinkCmd {
+                up: Uplink::Text(text),
+                frame: None,
+            },
+            // Marks the end of the turn for `answered`.
+            LinkCmd {
+                up: Uplink::TurnEnd { duration_ms: 0 },
+                frame: None,
+            },
+        ]
     }
 
     /// Keep an item for (re)sending; Interrupts are not worth replaying to a new session.

@@ -5,7 +5,9 @@
 //!   they come; at the end of the turn the transcript (or, when the renderer asked a question, the
 //!   matching answer) goes to the agent as text. The turn's audio is kept until its transcript is in,
 //!   so a speech service that was briefly away is asked again ([`STT_RETRIES`]) instead of losing the
-//!   user's words.
+//!   user's words. When the user goes on speaking before a turn's transcript is in and that cancels
+//!   the answer it awaited (the new turn replaces it), the pending words join the new turn's as one
+//!   message ([`VoiceBridge::turn_result`]) instead of being answered alone.
 //! - Downlink: text deltas, components and patches go through the [`Renderer`]; each sentence it
 //!   completes is queued for [`TextToSpeech`] at once (the first sentence plays while the rest of the
 //!   reply streams in). One speaker task synthesizes the queue in order and hands the audio to the DSP
@@ -73,9 +75,14 @@ impl Speech {
 pub enum VoiceEvent {
     /// The user's turn as text: `said` is the transcript, `text` what goes to the agent (the
     /// transcript, or the answer it matched).
-    Transcript { said: String, text: String },
+    /// `turn` numbers the user's turns from 1, in the order they began.
+    Transcript {
+        said: String,
+        text: String,
+        turn: u64,
+    },
     /// Nothing usable was heard (empty transcript) or the service failed for good.
-    NotUnderstood { reason: String },
+    NotUnderstood { reason: String, turn: u64 },
     /// A component was turned into speech.
     ComponentSpoken { kind: String, text: String },
     /// The answer's last sentence is queued for playback: the held end of the answer goes on.
@@ -101,6 +108,17 @@ enum SpeakItem {
         status: FinishStatus,
         generation: u64,
     },
+}
+
+/// What the link does with a turn's transcript ([`VoiceBridge::turn_result`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TurnText {
+    /// Send this to the agent as the user's turn.
+    Send(String),
+    /// Kept, to go with a later turn's words.
+    Held,
+    /// The turn gave nothing to send: tell the user.
+    NotUnderstood,
 }
 
 /// A turn's audio, kept until its transcript is in (for a retry), and whether the turn has ended.
@@ -132,6 +150,15 @@ pub struct VoiceBridge {
     cancel: Arc<std::sync::Mutex<CancellationToken>>,
     /// Answers cancelled by a barge-in: their late events are dropped.
     cancelled: Vec<String>,
+    /// Turns begun so far (the last one's number).
+    turns: u64,
+    /// Turns whose transcript the link has not taken yet.
+    pending: Vec<u64>,
+    /// The user went on while earlier turns' words were still being transcribed, and that cancelled
+    /// the answer they were waiting for: those words go with this turn's, as one turn.
+    merge_into: Option<u64>,
+    /// Transcripts kept for `merge_into` (`None`: the turn gave no text), by turn.
+    held: Vec<(u64, Option<String>)>,
     current: Option<String>,
     /// Answers seen, and when the current one's first text or component came.
     answers: u64,
@@ -177,6 +204,10 @@ impl VoiceBridge {
                 generation,
                 cancel,
                 cancelled: Vec::new(),
+                turns: 0,
+                pending: Vec::new(),
+                merge_into: None,
+                held: Vec::new(),
                 current: None,
                 answers: 0,
                 first_text: None,
@@ -208,6 +239,22 @@ impl VoiceBridge {
                 None
             }
             Uplink::Interrupt => {
+                // The turn the user is saying now (or begins right after this: the turn machine
+                // interrupts an awaited answer as the next turn starts). Earlier turns still being
+                // transcribed were not sent: their words join it instead of being answered alone
+                // after the answer they were waiting for was cancelled.
+                let next = if self.turn.is_some() {
+                    self.turns
+                } else {
+                    self.turns + 1
+                };
+                if self.merge_into.is_none() && self.pending.iter().any(|&t| t < next) {
+                    tracing::info!(
+                        turn = next,
+                        "the user went on before the last words were transcribed; they join this turn"
+                    );
+                    self.merge_into = Some(next);
+                }
                 self.interrupt();
                 Some(Uplink::Interrupt)
             }
@@ -229,7 +276,36 @@ impl VoiceBridge {
         self.turn = Some((tx, kept.clone()));
         let stt = self.speech.stt.clone();
         let events = self.events.clone();
-        tokio::spawn(transcribe(stt, rx, kept, events));
+        self.turns += 1;
+        self.pending.push(self.turns);
+        tokio::spawn(transcribe(stt, rx, kept, events, self.turns));
+    }
+
+    /// A turn's transcript is in (`None`: it gave no text): what to do with it. Transcripts that
+    /// join a later turn are held until that turn's, and every turn before it, is in.
+    pub fn turn_result(&mut self, turn: u64, said: Option<String>) -> TurnText {
+        self.pending.retain(|&t| t != turn);
+        let Some(m) = self.merge_into.filter(|&m| turn <= m) else {
+            return match said {
+                Some(s) => TurnText::Send(s),
+                None => TurnText::NotUnderstood,
+            };
+        };
+        self.held.push((turn, said));
+        let all_in =
+            self.held.iter().any(|(t, _)| *t == m) && !self.pending.iter().any(|&t| t <= m);
+        if !all_in {
+            return TurnText::Held;
+        }
+        self.merge_into = None;
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_by_key(|(t, _)| *t);
+        let words: Vec<String> = held.into_iter().filter_map(|(_, s)| s).collect();
+        if words.is_empty() {
+            TurnText::NotUnderstood
+        } else {
+            TurnText::Send(words.join(" "))
+        }
     }
 
     fn audio(&mut self, packet: &[u8]) {
@@ -389,6 +465,7 @@ async fn transcribe(
     audio: mpsc::Receiver<Vec<i16>>,
     kept: KeptAudio,
     events: mpsc::Sender<VoiceEvent>,
+    turn: u64,
 ) {
     let started = Instant::now();
     let mut result = stt
@@ -426,15 +503,18 @@ async fn transcribe(
             VoiceEvent::Transcript {
                 said: t.text.trim().to_string(),
                 text: String::new(),
+                turn,
             }
         }
         Ok(_) => VoiceEvent::NotUnderstood {
             reason: "nothing recognisable was said".into(),
+            turn,
         },
         Err(e) => {
             tracing::error!(error = %e, "speech-to-text failed; the turn is lost");
             VoiceEvent::NotUnderstood {
                 reason: e.to_string(),
+                turn,
             }
         }
     };

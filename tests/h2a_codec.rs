@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use hearken::protocol::h2a::{
     H2aClient, H2aPost, H2aSettings, INTERRUPT_END_WAIT_MS, INTERRUPT_LIMIT_PER_MIN,
-    MAX_FRAMES_PER_RESPONSE, MAX_RESPONSE_MS, RESUME_ACK_WAIT_MS, ResumeState,
+    MAX_FRAMES_PER_RESPONSE, MAX_RESPONSE_MS, RESUME_ACK_WAIT_MS, RESUME_REPLAY_WAIT_MS,
+    ResumeState,
 };
 use hearken::protocol::{
     Downlink, FinishStatus, Protocol, ProtocolError, SessionInfo, ToolState, Uplink, Wire,
@@ -823,4 +824,263 @@ fn captures_decode() {
             assert_eq!(answers[i], *e, "{file} answer {i}");
         }
     }
+}
+
+/// A first connection whose session got "What time is it" and dropped before any frame of its
+/// answer; the next connection's codec (sharing the resume state) with the link's re-sent turn and
+/// one the user said while disconnected.
+fn resuming_with_an_unanswered_message() -> (ResumeState, H2aClient) {
+    let state = ResumeState::default();
+    let mut first = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    first.open(0, &SessionInfo::default());
+    decode(&mut first, 0, ACK);
+    message(&mut first, 10, "What time is it");
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    assert_eq!(
+        posts(&c.open(100, &SessionInfo::default()))[0].body["type"],
+        "session.resume"
+    );
+    for t in ["What time is it", "And the date"] {
+        assert!(c.encode(100, Uplink::Text(t.into())).unwrap().is_empty());
+    }
+    (state, c)
+}
+
+const RESUMED: &str =
+    r#"{"type":"session.ack","sessionId":"ses_7f3a9b2c","resumedFromSequence":0}"#;
+
+#[test]
+fn a_message_the_resumed_agent_answers_is_not_asked_twice() {
+    let (_, mut c) = resuming_with_an_unanswered_message();
+    let (ev, replies) = decode_with_replies(&mut c, 200, RESUMED);
+    assert_eq!(
+        ev,
+        vec![Downlink::Ready {
+            session: "ses_7f3a9b2c".into()
+        }]
+    );
+    // The resumed session has the first message: it is not sent again, and the next waits for
+    // its answer.
+    assert!(replies.is_empty(), "{replies:?}");
+    assert_eq!(c.next_deadline(), Some(200 + RESUME_REPLAY_WAIT_MS));
+    let ev = decode(
+        &mut c,
+        300,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"It is noon.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "It is noon.");
+    let (ev, replies) = decode_with_replies(
+        &mut c,
+        400,
+        r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"end","content":{"reason":"complete"}}"#,
+    );
+    assert!(matches!(
+        ev.last(),
+        Some(Downlink::ResponseFinished {
+            status: FinishStatus::Ok,
+            ..
+        })
+    ));
+    let texts: Vec<&Value> = replies.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["And the date"]);
+    // Nothing is asked again later either.
+    assert!(posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS + 60_000)).is_empty());
+}
+
+#[test]
+fn a_message_the_resumed_agent_never_answers_is_asked_again() {
+    let (_, mut c) = resuming_with_an_unanswered_message();
+    let (_, replies) = decode_with_replies(&mut c, 200, RESUMED);
+    assert!(replies.is_empty(), "{replies:?}");
+    assert!(posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS - 1)).is_empty());
+    // Nothing of its answer came: asked again (digest ambiguity 4: "time out and re-ask"), then
+    // the next one after its answer.
+    let p = posts(&c.poll(200 + RESUME_REPLAY_WAIT_MS));
+    let texts: Vec<&Value> = p.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["What time is it"]);
+}
+
+#[test]
+fn a_message_of_a_session_that_could_not_be_resumed_goes_to_the_new_one_at_once() {
+    let (state, mut c) = resuming_with_an_unanswered_message();
+    let (_, replies) = decode_with_replies(
+        &mut c,
+        200,
+        r#"{"type":"agent.frame","id":"x","frameType":"error","content":{"code":"STATE_SYNC_ERROR","message":"unknown session","severity":"error"}}"#,
+    );
+    assert_eq!(replies[0].body["type"], "session.open");
+    let (_, replies) = decode_with_replies(&mut c, 300, &ACK.replace("ses_7f3a9b2c", "ses_new"));
+    let texts: Vec<&Value> = replies.iter().map(|p| &p.body["content"]["text"]).collect();
+    assert_eq!(texts, vec!["What time is it"]);
+    assert_eq!(state.get().session.as_deref(), Some("ses_new"));
+}
+
+/// The id of the response a decoded batch started.
+fn started_id(events: &[Downlink]) -> String {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Downlink::ResponseStarted { id } => Some(id.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ResponseStarted in {events:?}"))
+}
+
+#[test]
+fn the_answer_after_an_interrupted_one_has_an_id_of_its_own() {
+    // The device drops everything of a cancelled answer by its id: the next answer must not
+    // share it, whether the interrupted one ended with `end` or by the local timeout.
+    for with_end in [true, false] {
+        let mut c = opened();
+        message(&mut c, 0, "one");
+        let first = started_id(&decode(
+            &mut c,
+            5,
+            r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"x","final":false}"#,
+        ));
+        assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+        let at = if with_end {
+            decode(
+                &mut c,
+                20,
+                r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"end","content":{"reason":"interrupted"}}"#,
+            );
+            30
+        } else {
+            assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+            10 + INTERRUPT_END_WAIT_MS
+        };
+        assert!(!c.in_response());
+        message(&mut c, at, "two");
+        let second = started_id(&decode(
+            &mut c,
+            at + 5,
+            r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"text","content":"y","final":false}"#,
+        ));
+        assert_ne!(first, second, "with_end {with_end}");
+        // And a message answered in full before the next: ids differ too.
+        let ev = decode(
+            &mut c,
+            at + 6,
+            r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"end","content":{"reason":"complete"}}"#,
+        );
+        assert!(matches!(ev.last(), Some(Downlink::ResponseFinished { id, .. }) if *id == second));
+        message(&mut c, at + 10, "three");
+        let third = started_id(&decode(
+            &mut c,
+            at + 15,
+            r#"{"type":"agent.frame","id":"e","sequence":5,"frameType":"text","content":"z","final":true}"#,
+        ));
+        assert!(third != first && third != second);
+    }
+}
+
+#[test]
+fn what_a_resumed_session_replays_of_an_interrupted_answer_is_not_spoken() {
+    let state = ResumeState::default();
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    c.open(0, &SessionInfo::default());
+    decode(&mut c, 0, ACK);
+    message(&mut c, 0, "Tell me a long story");
+    let ev = decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"Once upon ","final":false}"#,
+    );
+    assert_eq!(spoken(&ev), "Once upon ");
+    assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+    // The stream drops before the interrupted answer's end; the next connection resumes, and the
+    // agent (which streamed on after the interrupt) replays the rest.
+    let mut c = H2aClient::new(H2aSettings {
+        resume_state: state.clone(),
+        ..H2aSettings::default()
+    });
+    c.open(100, &SessionInfo::default());
+    decode(&mut c, 110, RESUMED);
+    let mut ev = Vec::new();
+    for raw in [
+        r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"text","content":"a time there was","final":true}"#,
+        r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"end","content":{"reason":"interrupted"}}"#,
+    ] {
+        ev.extend(decode(&mut c, 120, raw));
+    }
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(c.stats().cancelled_run_frames_dropped, 2);
+    assert!(!c.in_response());
+    // After its end, the next answer is spoken as usual.
+    message(&mut c, 130, "Stop");
+    let ev = decode(
+        &mut c,
+        140,
+        r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"text","content":"Stopped.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "Stopped.");
+}
+
+#[test]
+fn an_agent_that_streams_on_after_an_interrupt_is_not_heard_after_the_wait() {
+    // The TS mock answers an interrupt 200 and streams the answer to its end (digest, mock
+    // behaviour). Past INTERRUPT_END_WAIT_MS the next message need not wait, but what still comes
+    // of the interrupted answer is not a new answer to speak.
+    let mut c = opened();
+    message(&mut c, 0, "Tell me everything");
+    decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"Well, ","final":false}"#,
+    );
+    assert_eq!(posts(&c.encode(10, Uplink::Interrupt).unwrap()).len(), 1);
+    assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+    assert!(!c.in_response(), "the next message may go");
+    let mut ev = Vec::new();
+    for (t, raw) in [
+        (
+            2_500,
+            r#"{"type":"agent.frame","id":"b","sequence":2,"frameType":"text","content":"there is a lot ","final":false}"#,
+        ),
+        (
+            3_000,
+            r#"{"type":"agent.frame","id":"c","sequence":3,"frameType":"text","content":"to say.","final":true}"#,
+        ),
+        (
+            3_100,
+            r#"{"type":"agent.frame","id":"d","sequence":4,"frameType":"end","content":{"reason":"complete"}}"#,
+        ),
+    ] {
+        ev.extend(decode(&mut c, t, raw));
+        c.poll(t);
+    }
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(c.stats().cancelled_run_frames_dropped, 3);
+    // A message during the lingering ends it: it goes at once, and its answer is spoken.
+    message(&mut c, 4_000, "Stop");
+    let ev = decode(
+        &mut c,
+        4_100,
+        r#"{"type":"agent.frame","id":"e","sequence":5,"frameType":"text","content":"Stopped.","final":true}"#,
+    );
+    assert_eq!(spoken(&ev), "Stopped.");
+    // Lingering, then a message before any more frames: sent at once as well.
+    let mut c = opened();
+    message(&mut c, 0, "one");
+    decode(
+        &mut c,
+        5,
+        r#"{"type":"agent.frame","id":"a","sequence":1,"frameType":"text","content":"x","final":false}"#,
+    );
+    c.encode(10, Uplink::Interrupt).unwrap();
+    assert!(posts(&c.poll(10 + INTERRUPT_END_WAIT_MS)).is_empty());
+    assert_eq!(
+        message(&mut c, 10 + INTERRUPT_END_WAIT_MS + 1, "two").body["content"]["text"],
+        "two"
+    );
 }

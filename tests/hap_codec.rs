@@ -538,3 +538,49 @@ fn discovery_without_an_answer_is_fatal() {
         .is_err()
     );
 }
+
+#[test]
+fn an_answer_with_a_bare_error_or_neither_result_nor_error_ends_the_call_at_once() {
+    let recs = records();
+    let (mut c, _) = ready_client(&recs, ECHO, HapSettings::default());
+    for (n, answer, said) in [
+        (
+            3,
+            r#"{"jsonrpc":"2.0","id":3,"error":"backend is down"}"#,
+            "backend is down",
+        ),
+        (4, r#"{"jsonrpc":"2.0","id":4,"error":-32000}"#, "-32000"),
+        (5, r#"{"jsonrpc":"2.0","id":5}"#, "neither result nor error"),
+    ] {
+        let sent = c.encode(0, Uplink::Text(format!("turn {n}"))).unwrap();
+        assert_eq!(value(&sent[0])["id"], n);
+        let d = c.decode(10, Wire::Text(answer.into())).unwrap();
+        // Not left to the request timeout: the turn ends now, saying what came.
+        assert!(
+            d.events.iter().any(
+                |e| matches!(e, Downlink::Error { message, fatal: false, .. } if message.contains(said))
+            ),
+            "{answer}: {:?}",
+            d.events
+        );
+        assert!(
+            matches!(
+                d.events.last(),
+                Some(Downlink::ResponseFinished {
+                    status: FinishStatus::Error,
+                    ..
+                })
+            ),
+            "{answer}: {:?}",
+            d.events
+        );
+        assert!(!c.in_turn());
+        assert_eq!(c.pending_calls(), 0);
+    }
+    assert_eq!(c.stats().malformed, 3);
+    // A message with neither for no call of ours is still just malformed.
+    assert!(matches!(
+        c.decode(10, Wire::Text(r#"{"jsonrpc":"2.0","id":99}"#.into())),
+        Err(ProtocolError::Malformed(_))
+    ));
+}

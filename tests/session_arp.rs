@@ -580,10 +580,16 @@ async fn h2a_barge_in_sends_interrupt_and_the_next_turn_is_answered() {
     )
     .await
     .expect("agent");
-    let (sp, _, _) = speech(&["What is the weather", "Stop wait a moment"]);
+    let (sp, _, tts) = speech(&["What is the weather", "Stop wait a moment"]);
     let script = tmp.script(&[("question.wav", 300), ("barge_in.wav", 2_500)], 4_000);
     let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
     let s = a.stats();
+    // The answer to the turn that barged in is spoken.
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert!(
+        asked.iter().any(|t| t == "You said: Stop wait a moment."),
+        "{asked:?}"
+    );
     assert!(s.violations.is_empty(), "{:?}", s.violations);
     assert_eq!(report.barge_ins, 1);
     assert_eq!(s.interrupts, 1, "{s:?}");
@@ -896,4 +902,194 @@ async fn a_speech_service_away_at_the_start_of_a_turn_still_gets_the_whole_turn(
         .expect("a number");
     assert!(ms >= 2_500, "{ms} ms");
     assert_eq!(a.stats().inputs, report.user_texts);
+}
+
+// The H2A agent killed mid-answer and started again on the same port: its listener and every
+// connection go (not just the event stream), so the device cannot resume the session and opens a new
+// one with the new process.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_the_agent_killed_mid_answer_and_restarted_answers_each_turn_once() {
+    use hearken::agent::h2a::{self as h2a, AgentSettings as H2aSettings};
+    let _turn = one_at_a_time_when_emulated().await;
+    let tmp = Scratch::new("h2a-kill");
+    // 150 ms a word: the first answer is still streaming when the agent dies.
+    let a = h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        H2aSettings {
+            delta_ms: 150,
+            ..H2aSettings::default()
+        },
+    )
+    .await
+    .expect("agent");
+    let addr = a.addr();
+    let (sp, _, tts) = speech(&["How long will it take", "Turn on the lights"]);
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 5_000)],
+        4_000,
+    );
+    let device = tokio::spawn(run_device(h2a_config(&a.url()), script, sp));
+    // Killed three words into its answer ("You said: How").
+    assert!(
+        a.log()
+            .wait_for(Duration::from_secs(20), |s| s.frames_sent >= 3)
+            .await,
+        "{:?}",
+        a.stats()
+    );
+    let first = a.stats();
+    a.shutdown().await.expect("agent shutdown");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = h2a::spawn(addr, H2aSettings::default())
+        .await
+        .expect("restart on the same port");
+    let (report, _) = device.await.expect("device");
+    let second = b.stats();
+    let asked = tts.asked.lock().expect("asked").clone();
+    let timeline: Vec<_> = report
+        .events
+        .iter()
+        .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+        .collect();
+
+    assert!(first.violations.is_empty(), "{:?}", first.violations);
+    assert!(second.violations.is_empty(), "{:?}", second.violations);
+    assert_eq!(first.messages, vec!["How long will it take"]);
+    assert!(first.frames_sent < 10, "killed mid-answer: {first:?}");
+    // The first turn's answer had begun: it is not asked again. The new process has a session of
+    // its own (the old one died with it) and answers the next turn, whole, once.
+    assert_eq!(second.resumes, 1, "{second:?}");
+    assert_eq!(second.sessions_opened, 1);
+    assert_eq!(second.messages, vec!["Turn on the lights"], "{timeline:#?}");
+    assert_eq!(second.responses_completed, 1);
+    assert_eq!(
+        report.user_texts,
+        vec!["How long will it take", "Turn on the lights"]
+    );
+    // The first answer died with its agent three words in, before a sentence was complete: none of
+    // it is spoken (not later, with the next answer, either). Nothing is spoken twice; the second
+    // answer is spoken whole.
+    assert!(!asked.iter().any(|t| t.contains("How long")), "{asked:?}");
+    for t in &asked {
+        assert_eq!(asked.iter().filter(|x| *x == t).count(), 1, "{asked:?}");
+    }
+    assert!(
+        asked.iter().any(|t| t == "You said: Turn on the lights."),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .any(|t| t == "I am the hearken reference agent."),
+        "{asked:?}"
+    );
+    assert!(report.agent_disconnects >= 1);
+    assert!(report.agent_connects >= 2, "{timeline:#?}");
+    assert_eq!(report.link.malformed, 0);
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::AgentFinished { status, .. } if status == "ok")),
+        "{timeline:#?}"
+    );
+    assert!(matches!(
+        report.events.iter().rev().find_map(|e| match &e.kind {
+            EventKind::StateChange { to, .. } => Some(*to),
+            _ => None,
+        }),
+        Some(hearken::turn::State::Idle)
+    ));
+}
+
+/// Transcribes turn N (in the order the turns began) as `lines[N]`, `delay_ms` after its audio
+/// ends, as a slow recogniser does.
+struct SlowStt {
+    lines: Vec<String>,
+    delay_ms: u64,
+    calls: Mutex<usize>,
+}
+
+impl SpeechToText for SlowStt {
+    fn describe(&self) -> String {
+        "slow".into()
+    }
+    fn transcribe<'a>(
+        &'a self,
+        _rate_hz: u32,
+        mut audio: mpsc::Receiver<Vec<i16>>,
+        _cancel: CancellationToken,
+    ) -> SpeechFuture<'a, Transcript> {
+        let n = {
+            let mut c = self.calls.lock().expect("calls");
+            *c += 1;
+            *c - 1
+        };
+        Box::pin(async move {
+            while audio.recv().await.is_some() {}
+            tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+            Ok(Transcript {
+                text: self.lines.get(n).cloned().unwrap_or_default(),
+                language: None,
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2a_words_still_being_transcribed_when_the_user_goes_on_are_one_turn() {
+    let _turn = one_at_a_time_when_emulated().await;
+    let tmp = Scratch::new("h2a-merge");
+    let a = hearken::agent::h2a::spawn(
+        "127.0.0.1:0".parse().expect("addr"),
+        hearken::agent::h2a::AgentSettings::default(),
+    )
+    .await
+    .expect("agent");
+    // The first part's transcript takes 2 s; the user goes on 1 s after the first part's end, so
+    // that turn has ended (700 ms of silence) but its words are not in when the next one starts.
+    let stt = Arc::new(SlowStt {
+        lines: vec!["How long will it take".into(), "to get to work".into()],
+        delay_ms: 2_000,
+        calls: Mutex::new(0),
+    });
+    let tts = Arc::new(ToneTts::default());
+    let sp = Speech {
+        stt: stt.clone(),
+        tts: tts.clone(),
+    };
+    let script = tmp.script(
+        &[("question.wav", 300), ("one_utterance.wav", 1_000)],
+        5_000,
+    );
+    let (report, _) = run_device(h2a_config(&a.url()), script, sp).await;
+    let s = a.stats();
+    let timeline: Vec<_> = report
+        .events
+        .iter()
+        .filter_map(|e| hearken::events::timeline_line(&e.kind).map(|l| (e.audio_ms, l)))
+        .collect();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(*stt.calls.lock().expect("calls"), 2, "{timeline:#?}");
+    // The user went on before the first part's words were in: the second turn replaced the first
+    // (the device cancels an answer not yet begun when the user speaks again), so the first part's
+    // words go with it, as one message, answered once. Not the first part alone, answered, and
+    // then the rest.
+    assert_eq!(
+        s.messages,
+        vec!["How long will it take to get to work"],
+        "{timeline:#?}"
+    );
+    assert_eq!(report.user_texts, s.messages);
+    let asked = tts.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|t| t.starts_with("You said:"))
+            .collect::<Vec<_>>(),
+        vec!["You said: How long will it take to get to work."],
+        "{asked:?}"
+    );
+    assert_eq!(report.not_understood, 0);
 }

@@ -110,6 +110,8 @@ pub struct AgentStats {
     pub denies: Vec<String>,
     /// Streams cut by the drop hook.
     pub drops: u64,
+    /// Frames of responses sent (or buffered for a resume), every session.
+    pub frames_sent: u64,
     /// Every JSON body the host sent, `(path, X-H2A-Session, body)`.
     pub requests: Vec<(String, Option<String>, Value)>,
     /// Cards served.
@@ -264,6 +266,9 @@ struct Shared {
     log: AgentLog,
     sessions: Sessions,
     addr: SocketAddr,
+    /// Turns true at shutdown: responses still streaming stop with the server, as a killed agent's
+    /// would.
+    shutdown: watch::Receiver<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -346,6 +351,7 @@ async fn serve_with_log(
         log,
         sessions: Arc::default(),
         addr: listener.local_addr()?,
+        shutdown: shutdown.clone(),
     });
     let mut tasks = JoinSet::new();
     tracing::info!(addr = %shared.addr, "H2A agent listening");
@@ -871,7 +877,14 @@ fn signal(shared: Arc<Shared>, sid: Option<String>, body: Value) -> Response<Bod
                 }
                 n
             };
-            tokio::spawn(respond(shared.clone(), sess, n, text, cancel_rx));
+            let mut down = shared.shutdown.clone();
+            let response = respond(shared.clone(), sess, n, text, cancel_rx);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = response => {}
+                    _ = down.wait_for(|d| *d) => {}
+                }
+            });
         }
         "interrupt" => {
             shared.log.update(|s| s.interrupts += 1);
@@ -937,6 +950,7 @@ async fn respond(
             return false;
         }
         s.frame(f);
+        shared.log.update(|l| l.frames_sent += 1);
         let n = frames_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if st.drop_after_frames == Some(n) && !s.dropped_once {
             s.dropped_once = true;

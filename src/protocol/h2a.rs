@@ -20,7 +20,10 @@
 //!   session from an earlier connection is known ([`ResumeState`], shared across codecs). A refused
 //!   resume (`STATE_SYNC_ERROR`, `SESSION_EXPIRED`, an ack for another id, or a resume that never got
 //!   its ack) opens a new session.
-//! - `session.ack` gives [`Downlink::Ready`]; transcripts sent before it wait for it.
+//! - `session.ack` gives [`Downlink::Ready`]; transcripts sent before it wait for it. After a
+//!   resumed ack, a re-sent transcript the session had already got as a `message` (its answer not
+//!   begun at the drop, [`ResumePoint::sent_unanswered`]) is held for its answer on the resumed stream
+//!   and sent again only if none begins within [`RESUME_REPLAY_WAIT_MS`]: never answered twice.
 //! - Each [`Uplink::Text`] goes as a `message` (`content: {text}`); with a confirmation pending, the
 //!   renderer's `[Confirmed] ..` / `[Denied] ..` answers go as `confirm` / `deny` instead; one left
 //!   unanswered past its `timeout` is denied (`reason: "timeout"`).
@@ -33,8 +36,8 @@
 //!   pair).
 //! - [`Uplink::Interrupt`] sends `interrupt {scope:"current"}` once per response and at most
 //!   [`INTERRUPT_LIMIT_PER_MIN`] a minute; the interrupted response's late frames are dropped
-//!   (counted in [`CodecStats::cancelled_run_frames_dropped`]) until its `end`, or
-//!   [`INTERRUPT_END_WAIT_MS`] without one.
+//!   (counted in [`CodecStats::cancelled_run_frames_dropped`]) until its `end` or the next message.
+//!   That message waits for the `end` at most [`INTERRUPT_END_WAIT_MS`].
 //! - Limits per response (security addendum S3): [`MAX_FRAMES_PER_RESPONSE`], [`MAX_BYTES_PER_RESPONSE`],
 //!   [`MAX_RESPONSE_MS`]; beyond them the response is closed locally, an `interrupt` goes out, a
 //!   non-fatal [`Downlink::Error`] is emitted and the rest of the response is dropped.
@@ -66,6 +69,9 @@ pub const INTERRUPT_LIMIT_PER_MIN: usize = 10;
 pub const INTERRUPT_END_WAIT_MS: u64 = 2_000;
 /// A `session.resume` without its ack by now is treated as refused.
 pub const RESUME_ACK_WAIT_MS: u64 = 5_000;
+/// After a resumed ack, how long to wait for the answer to a message the session had already got
+/// before asking again (digest ambiguity 4: neither reference replays).
+pub const RESUME_REPLAY_WAIT_MS: u64 = 5_000;
 
 /// Where the transport sends one outgoing body. Serialised as the envelope in the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +113,12 @@ pub struct ResumePoint {
     /// The id of the response that was streaming when the connection dropped: a resumed session
     /// continues it under the same id, so the device goes on speaking it instead of starting over.
     pub open_response: Option<String>,
+    /// Messages the session got whose answer has not begun, oldest first. The link re-sends them
+    /// after a drop; a resumed session answers them itself, so they are held, not sent twice.
+    pub sent_unanswered: Vec<String>,
+    /// The response streaming at the drop had been cancelled (a barge-in, a limit) and had not
+    /// ended: what a resumed session replays of it is dropped too, until its `end`.
+    pub cancelled_open: bool,
 }
 
 impl ResumeState {
@@ -161,6 +173,9 @@ struct Response {
     messages: u32,
     /// Interrupted (or over a limit): its frames are dropped until `end`.
     cancelled: bool,
+    /// Until then, the next message waits for the cancelled response's `end`. Past it (`None` again)
+    /// the response lingers: its frames are still dropped until an `end`, but the next message goes
+    /// at once and ends it.
     cancel_deadline: Option<u64>,
     /// Tool calls in flight: (key, call id, name).
     tools: Vec<(String, String, String)>,
@@ -192,6 +207,10 @@ pub struct H2aClient {
     blocked_until_ms: u64,
     interrupts_ms: VecDeque<u64>,
     last_sequence: u64,
+    /// After a resumed ack: re-sent messages the session already has, waiting for their answer on
+    /// the resumed stream until `held_until`, then asked again.
+    held: VecDeque<String>,
+    held_until: Option<u64>,
     events: Vec<Downlink>,
     stats: CodecStats,
 }
@@ -210,6 +229,8 @@ impl H2aClient {
             blocked_until_ms: 0,
             interrupts_ms: VecDeque::new(),
             last_sequence: 0,
+            held: VecDeque::new(),
+            held_until: None,
             events: Vec::new(),
             stats: CodecStats::default(),
         }
@@ -227,7 +248,21 @@ impl H2aClient {
 
     /// A response is streaming (or awaited after a message).
     pub fn in_response(&self) -> bool {
-        self.response.is_some()
+        self.response.as_ref().is_some_and(|r| !Self::lingering(r))
+    }
+
+    /// A cancelled response whose `end` did not come in time (an agent that ignores the interrupt
+    /// and streams on, or sends no `end` after it).
+    fn lingering(r: &Response) -> bool {
+        r.cancelled && r.cancel_deadline.is_none()
+    }
+
+    /// A message is about to go: a lingering cancelled response is over for good (what follows is
+    /// the new one's).
+    fn drop_lingering(&mut self) {
+        if self.response.as_ref().is_some_and(Self::lingering) {
+            self.cancelled_over();
+        }
     }
 
     /// The `session.open` body (strict: no proposed id).
@@ -277,10 +312,15 @@ impl H2aClient {
         Self::session_post(self.session_open())
     }
 
-    fn begin_response(&mut self, now_ms: u64) {
+    /// A response begins: the answer to a message just sent (`continuing` false: always a new id), or
+    /// frames with no response open (`continuing` true: on a resumed session, the one the drop cut
+    /// goes on under its id).
+    fn begin_response(&mut self, now_ms: u64, continuing: bool) {
         let point = self.settings.resume_state.get();
         let id = match point.open_response {
-            Some(id) if point.session.is_some() && point.session == self.session => id,
+            Some(id) if continuing && point.session.is_some() && point.session == self.session => {
+                id
+            }
             _ => {
                 self.responses += 1;
                 format!("h2a-{}-{}", self.id_prefix, self.responses)
@@ -303,12 +343,44 @@ impl H2aClient {
         r.id.clone()
     }
 
+    /// The oldest message sent has its answer begun (or ended without one): the session needs it no
+    /// more, and a held one is answered.
+    fn message_settled(
+        state: &ResumeState,
+        held: &mut VecDeque<String>,
+        held_until: &mut Option<u64>,
+    ) {
+        state.update(|p| {
+            if !p.sent_unanswered.is_empty() {
+                p.sent_unanswered.remove(0);
+            }
+        });
+        if held.pop_front().is_some() && held.is_empty() {
+            *held_until = None;
+        }
+    }
+
+    /// The cancelled response is over (its `end`, a terminal error, or the wait for them ran out).
+    fn cancelled_over(&mut self) {
+        self.response = None;
+        self.settings
+            .resume_state
+            .update(|p| p.cancelled_open = false);
+    }
+
     /// Close the open response (if any) with `status`.
     fn finish(&mut self, status: FinishStatus, out: &mut Vec<Downlink>) {
         self.settings
             .resume_state
             .update(|p| p.open_response = None);
         if let Some(r) = self.response.take() {
+            if r.frames == 0 && !r.cancelled {
+                Self::message_settled(
+                    &self.settings.resume_state,
+                    &mut self.held,
+                    &mut self.held_until,
+                );
+            }
             if r.cancelled {
                 // Already closed locally at the interrupt or the limit.
                 return;
@@ -335,6 +407,20 @@ impl H2aClient {
             if r.cancelled {
                 return;
             }
+            if r.frames == 0 {
+                Self::message_settled(
+                    &self.settings.resume_state,
+                    &mut self.held,
+                    &mut self.held_until,
+                );
+            }
+            // Closed here: nothing continues it after a resume (its replayed rest is dropped), and
+            // its id is not reused (the voice bridge drops every later event of a cancelled answer
+            // by that id).
+            self.settings.resume_state.update(|p| {
+                p.open_response = None;
+                p.cancelled_open = true;
+            });
             r.cancelled = true;
             r.cancel_deadline = Some(now_ms + INTERRUPT_END_WAIT_MS);
             if r.text_open {
@@ -396,21 +482,36 @@ impl H2aClient {
             }
             // Anything else settles the question; it goes as a message.
         }
-        if self.response.is_some() {
+        self.drop_lingering();
+        if self.response.is_some() || !self.held.is_empty() {
             // One response at a time: the agent answers in order anyway, and late frames of an
             // interrupted response would otherwise be read as the new one's. It goes at the `end`
-            // (at most INTERRUPT_END_WAIT_MS after an interrupt).
+            // (at most INTERRUPT_END_WAIT_MS after an interrupt), or after the held messages.
             self.queue.push_back(Uplink::Text(text));
             return Ok(Vec::new());
         }
         let w = self.signal("message", json!({"text": text}))?;
-        self.begin_response(now_ms);
+        self.settings
+            .resume_state
+            .update(|p| p.sent_unanswered.push(text));
+        self.begin_response(now_ms, false);
         Ok(vec![w])
     }
 
     fn flush_queue(&mut self, now_ms: u64) -> Vec<Wire> {
         let mut out = Vec::new();
-        while self.response.is_none() && self.session.is_some() && now_ms >= self.blocked_until_ms {
+        if !self.queue.is_empty()
+            && self.held.is_empty()
+            && self.session.is_some()
+            && now_ms >= self.blocked_until_ms
+        {
+            self.drop_lingering();
+        }
+        while self.response.is_none()
+            && self.held.is_empty()
+            && self.session.is_some()
+            && now_ms >= self.blocked_until_ms
+        {
             let Some(up) = self.queue.pop_front() else {
                 break;
             };
@@ -455,6 +556,27 @@ impl H2aClient {
             p.resume_pending = false;
         });
         self.session = Some(id.clone());
+        if resumed_ok {
+            // The link re-sent every turn it saw no answer to. Those this session already got, it
+            // answers on the resumed stream: hold them, and ask again only if nothing comes.
+            for t in self.settings.resume_state.get().sent_unanswered {
+                let pos = self
+                    .queue
+                    .iter()
+                    .position(|u| matches!(u, Uplink::Text(x) if *x == t));
+                if let Some(i) = pos {
+                    self.queue.remove(i);
+                    self.held.push_back(t);
+                }
+            }
+            if !self.held.is_empty() {
+                tracing::info!(
+                    held = self.held.len(),
+                    "h2a: the resumed session has the unanswered messages; waiting for the answers"
+                );
+                self.held_until = Some(now_ms + RESUME_REPLAY_WAIT_MS);
+            }
+        }
         out.push(Downlink::Ready { session: id });
         self.flush_queue(now_ms)
     }
@@ -493,8 +615,19 @@ impl H2aClient {
             return self.on_error(now_ms, v, &content);
         }
         if self.response.is_none() {
-            // Agent-initiated (a replay after resume, a toast): a response of its own.
-            self.begin_response(now_ms);
+            let point = self.settings.resume_state.get();
+            if point.cancelled_open && point.session.is_some() && point.session == self.session {
+                // The rest of an answer cancelled before the drop, replayed by the resumed
+                // session: dropped as its live frames were.
+                self.response = Some(Response {
+                    cancelled: true,
+                    cancel_deadline: Some(now_ms + INTERRUPT_END_WAIT_MS),
+                    ..Response::default()
+                });
+            } else {
+                // Agent-initiated (a replay after resume, a toast): a response of its own.
+                self.begin_response(now_ms, true);
+            }
         }
         let Some(r) = self.response.as_mut() else {
             return (out, replies);
@@ -502,7 +635,7 @@ impl H2aClient {
         if r.cancelled {
             self.stats.cancelled_run_frames_dropped += 1;
             if frame_type == "end" {
-                self.response = None;
+                self.cancelled_over();
                 replies.extend(self.flush_queue(now_ms));
             }
             return (out, replies);
@@ -511,6 +644,11 @@ impl H2aClient {
         r.bytes += bytes;
         if r.frames == 1 {
             out.push(Downlink::ResponseStarted { id: r.id.clone() });
+            Self::message_settled(
+                &self.settings.resume_state,
+                &mut self.held,
+                &mut self.held_until,
+            );
         }
         let over = if r.frames > MAX_FRAMES_PER_RESPONSE {
             Some(format!(
@@ -728,7 +866,7 @@ impl H2aClient {
         {
             // An error ends the cancelled response as well as an end would.
             self.stats.cancelled_run_frames_dropped += 1;
-            self.response = None;
+            self.cancelled_over();
             return (out, self.flush_queue(now_ms));
         }
         if code == "RATE_LIMITED" {
@@ -896,6 +1034,8 @@ impl Protocol for H2aClient {
         self.session = None;
         self.resuming = None;
         self.queue.clear();
+        self.held.clear();
+        self.held_until = None;
         self.response = None;
         self.confirm = None;
         let prev = self.settings.resume_state.get();
@@ -1010,12 +1150,29 @@ impl Protocol for H2aClient {
                     .ok(),
             );
         }
+        if self.held_until.is_some_and(|d| now_ms >= d) {
+            // Nothing of their answers came on the resumed stream: ask again, in order, first.
+            tracing::info!(
+                held = self.held.len(),
+                "h2a: no answer on the resumed session; asking again"
+            );
+            self.held_until = None;
+            let held = std::mem::take(&mut self.held);
+            self.settings.resume_state.update(|p| {
+                p.sent_unanswered.retain(|t| !held.contains(t));
+            });
+            for t in held.into_iter().rev() {
+                self.queue.push_front(Uplink::Text(t));
+            }
+        }
         let mut events = Vec::new();
-        if let Some(r) = &self.response {
+        if let Some(r) = self.response.as_mut() {
             if r.cancelled {
                 if r.cancel_deadline.is_some_and(|d| now_ms >= d) {
-                    // No end after the interrupt (the Python reference drops it): it is over.
-                    self.response = None;
+                    // No end after the interrupt (the Python reference drops it; the TS mock
+                    // streams on): the next message need not wait any more, but what comes of
+                    // this one is still dropped until an end or that message.
+                    r.cancel_deadline = None;
                 }
             } else if r.frames > 0 && now_ms.saturating_sub(r.started_ms) >= MAX_RESPONSE_MS {
                 let mut replies = Vec::new();
@@ -1037,7 +1194,10 @@ impl Protocol for H2aClient {
     }
 
     fn next_deadline(&self) -> Option<u64> {
-        let mut d = self.resuming;
+        let mut d = self.resuming.or(self.held_until);
+        if let (Some(a), Some(b)) = (self.resuming, self.held_until) {
+            d = Some(a.min(b));
+        }
         let mut take = |x: Option<u64>| {
             if let Some(x) = x {
                 d = Some(d.map_or(x, |d| d.min(x)));

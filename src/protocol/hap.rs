@@ -764,7 +764,29 @@ impl Protocol for HapClient {
         }
         let outcome = match (obj.get("result"), obj.get("error")) {
             (_, Some(e)) if e.is_object() => Err(RpcError::parse(e)),
+            // Lenient: an error that is not the JSON-RPC object (a bare string or code) still ends
+            // the call, at once, rather than when the call times out.
+            (_, Some(e)) if !e.is_null() => {
+                self.stats.malformed += 1;
+                Err(RpcError {
+                    code: e.as_i64().unwrap_or(0),
+                    message: e.as_str().map_or_else(|| e.to_string(), str::to_string),
+                    data_type: None,
+                })
+            }
             (Some(r), _) => Ok(r.clone()),
+            // A pending call's answer with neither: a broken reply, not one to wait for.
+            _ if id
+                .and_then(rpc_id)
+                .is_some_and(|i| self.pending.contains_key(&i)) =>
+            {
+                self.stats.malformed += 1;
+                Err(RpcError {
+                    code: 0,
+                    message: "the agent answered with neither result nor error".into(),
+                    data_type: None,
+                })
+            }
             _ => return Err(self.malformed("neither result, error nor method".into())),
         };
         let Some(rid) = id.and_then(rpc_id) else {

@@ -1,6 +1,8 @@
 //! HTTP POST transport for a JSON-RPC gateway (HAP defines none; a deployment puts its own in front
 //! of an agent): every frame the codec sends is one `POST` of `application/json` to the configured
-//! URL, and the response body is the frame received. An empty 2xx body (202/204) yields nothing.
+//! URL, and the response body is the frame received. An empty 2xx body (202/204) yields nothing; a
+//! 4xx/5xx whose body is a JSON-RPC response (an error for that call) is received like a 2xx, any
+//! other is a connection error.
 //!
 //! - A small HTTP/1.1 client on tokio: one TCP (or rustls TLS, the WebSocket transport's trust setup)
 //!   connection per request, `Connection: close`, `Content-Length` or chunked bodies, the whole
@@ -220,7 +222,7 @@ impl Shared {
                     let stream = tls
                         .connect(name, tcp)
                         .await
-                        .map_err(|e| TransportError::Tls(e.to_string()))?;
+                        .map_err(|e| ws::tls_handshake_error(&e))?;
                     exchange(stream, &req, limit).await
                 }
             }
@@ -269,7 +271,9 @@ fn complete(raw: &[u8]) -> Option<usize> {
     let head_end = find(raw, b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
     if head.contains("transfer-encoding: chunked") {
-        return find(&raw[head_end..], b"0\r\n\r\n").map(|i| head_end + i + 5);
+        // Walk the chunks: searching for "0\r\n\r\n" would also find it inside a chunk (a size
+        // ending in 0 before data that starts with a blank line) and cut the body short.
+        return chunked_end(&raw[head_end..]).map(|n| head_end + n);
     }
     let len = head
         .lines()
@@ -325,6 +329,10 @@ fn parse_response(raw: &[u8], limit: usize) -> Result<Option<String>, TransportE
         401 | 403 => Err(TransportError::Auth(format!(
             "HTTP {status} from the agent"
         ))),
+        // JSON-RPC over HTTP commonly answers a failed call with 4xx/5xx and the JSON-RPC error as
+        // the body: that is the call's answer (the codec ends the turn with its message), not a
+        // broken connection to drop and retry.
+        _ if is_json_rpc_response(&text) => Ok(Some(text)),
         _ => {
             let first: String = text
                 .lines()
@@ -340,17 +348,58 @@ fn parse_response(raw: &[u8], limit: usize) -> Result<Option<String>, TransportE
     }
 }
 
+/// One chunk-size line at the start of `b`: the size and the length of the line with its CRLF.
+fn chunk_size(b: &[u8]) -> Option<(usize, usize)> {
+    let eol = find(b, b"\r\n")?;
+    let size_text = std::str::from_utf8(&b[..eol]).ok()?;
+    let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+    Some((size, eol + 2))
+}
+
+/// The length of a complete chunked body at the start of `b` (its last chunk and trailers included);
+/// `None` while incomplete or when it cannot be read.
+fn chunked_end(b: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let (size, line) = chunk_size(&b[at..])?;
+        at += line;
+        if size == 0 {
+            // Trailer lines, then an empty one.
+            loop {
+                let eol = find(&b[at..], b"\r\n")?;
+                at += eol + 2;
+                if eol == 0 {
+                    return Some(at);
+                }
+            }
+        }
+        // A size near usize::MAX from a broken or hostile server must not overflow.
+        let next = at.checked_add(size)?.checked_add(2)?;
+        if b.len() < next {
+            return None;
+        }
+        at = next;
+    }
+}
+
+/// A JSON-RPC response object: `jsonrpc`, an `id`, and a `result` or an `error`.
+fn is_json_rpc_response(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| {
+        v.get("jsonrpc").is_some()
+            && v.get("id").is_some()
+            && (v.get("error").is_some() || v.get("result").is_some())
+    })
+}
+
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = find(b, b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
+        let (size, line) = chunk_size(b)?;
+        b = &b[line..];
         if size == 0 {
             return Some(out);
         }
-        if b.len() < size + 2 {
+        if b.len() < size.checked_add(2)? {
             return None;
         }
         out.extend_from_slice(&b[..size]);
@@ -490,6 +539,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_json_rpc_error_with_an_error_status_is_the_calls_answer() {
+        let (url, task) = server(vec![
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 81\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":3,\"error\":{\"code\":-32603,\"message\":\"Tool not found: nope\"}}",
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 25\r\n\r\n{\"error\":\"upstream down\"}",
+        ])
+        .await;
+        let mut c = connect(&settings(&url)).await.unwrap();
+        c.send(Wire::Text("{}".into())).await.unwrap();
+        let Some(Ok(Wire::Text(t))) = c.recv().await else {
+            panic!("the JSON-RPC error is passed up")
+        };
+        assert!(t.contains("Tool not found: nope"), "{t}");
+        // JSON that is not a JSON-RPC response is still an HTTP error.
+        c.send(Wire::Text("{}".into())).await.unwrap();
+        let e = c.recv().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("HTTP 502"), "{e}");
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn errors_and_policy() {
         let (url, task) =
             server(vec!["HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\nboom\n"]).await;
@@ -506,6 +575,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, TransportError::Insecure(_)), "{e}");
+        // It names the scheme that was used (not only the WebSocket one) and the way out.
+        assert!(
+            e.to_string().contains("http://") && e.to_string().contains("https://"),
+            "{e}"
+        );
         for bad in ["ws://h/", "http://", "http://h:0/", "http://u:p@h/"] {
             assert!(
                 matches!(
@@ -526,5 +600,38 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(dechunk(b"3\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_chunks_say() {
+        // A chunk of 0x10 bytes whose data starts with a blank line: "10\r\n\r\n" holds
+        // "0\r\n\r\n", which is not the end.
+        let body = b"10\r\n\r\n{\"id\":1,\"a\":2}\r\n0\r\n\r\n";
+        assert_eq!(chunked_end(body), Some(body.len()));
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let raw = [&head[..], &body[..]].concat();
+        assert_eq!(complete(&raw), Some(raw.len()));
+        assert_eq!(
+            parse_response(&raw, 4096).unwrap().as_deref(),
+            Some("{\"id\":1,\"a\":2}")
+        );
+        // Incomplete: not yet; trailers are part of it.
+        assert_eq!(chunked_end(&body[..body.len() - 2]), None);
+        let trailers = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(chunked_end(trailers), Some(trailers.len()));
+        assert_eq!(chunked_end(&trailers[..trailers.len() - 2]), None);
+    }
+
+    #[test]
+    fn a_huge_chunk_size_is_an_error_not_a_panic() {
+        let body = b"ffffffffffffffff\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(chunked_end(body), None);
+        assert_eq!(dechunk(body), None);
+        let raw = [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            &body[..],
+        ]
+        .concat();
+        assert!(parse_response(&raw, 4096).is_err());
     }
 }

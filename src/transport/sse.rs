@@ -470,7 +470,7 @@ impl Dialer {
                 let stream = tls
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
+                    .map_err(|e| ws::tls_handshake_error(&e))?;
                 handshake(stream).await
             } else {
                 handshake(tcp).await

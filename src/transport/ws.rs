@@ -61,8 +61,10 @@ pub enum TransportError {
     /// The URL cannot be used at all (config error).
     #[error("agent.url: {0}")]
     Url(String),
-    /// `ws://` to a host that is not loopback without `allow_insecure` (config error).
-    #[error("refusing unencrypted ws:// to {0}: use wss:// or set agent.allow_insecure = true")]
+    /// `ws://` or `http://` to a host that is not loopback without `allow_insecure` (config error).
+    #[error(
+        "refusing an unencrypted connection (ws:// or http://) to {0}: use wss:// or https://, or set agent.allow_insecure = true"
+    )]
     Insecure(String),
     #[error("connect: {0}")]
     Connect(#[source] io::Error),
@@ -384,7 +386,7 @@ pub async fn connect(s: &WsSettings) -> Result<WsConnection, TransportError> {
                 let tls = connector
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
+                    .map_err(|e| tls_handshake_error(&e))?;
                 MaybeTls::Tls(Box::new(tls))
             }
             None => MaybeTls::Plain(tcp),
@@ -614,6 +616,20 @@ pub(crate) fn tls_connector(s: &WsSettings) -> Result<TlsConnector, TransportErr
     // The upgrade is HTTP/1.1; say so, for servers that would otherwise pick h2.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A failed TLS handshake with the agent. A certificate this device does not trust gets a hint at the
+/// keys that decide trust (the bare rustls text, "invalid peer certificate: UnknownIssuer", names none).
+pub(crate) fn tls_handshake_error(e: &std::io::Error) -> TransportError {
+    let text = e.to_string();
+    if text.contains("invalid peer certificate") {
+        TransportError::Tls(format!(
+            "{text} (the agent's certificate is not trusted: agent.ca_file names the CA that \
+             signed it, agent.tls_roots which store is trusted besides)"
+        ))
+    } else {
+        TransportError::Tls(text)
+    }
 }
 
 fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), TransportError> {
