@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::one_at_a_time_when_emulated;
 use hearken::agent::arp::{self as agent, AgentHandle, AgentSettings};
 use hearken::config::Config;
 use hearken::demo::write_script;
@@ -27,7 +28,6 @@ use hearken::speech::{
     Transcript,
 };
 use hearken::voice::Speech;
-use common::one_at_a_time_when_emulated;
 use tokio::sync::{mpsc, watch};
 
 const TTS_RATE_HZ: u32 = 16_000;
@@ -610,8 +610,11 @@ fn hap_config() -> Config {
             "agent.protocol=\"hap\"".to_string(),
             format!(
                 "agent.command={:?}",
-                [common::hearken_argv(), vec!["agent".into(), "--protocol".into(), "hap".into()]]
-                    .concat()
+                [
+                    common::hearken_argv(),
+                    vec!["agent".into(), "--protocol".into(), "hap".into()]
+                ]
+                .concat()
             ),
             "stt.backend=\"wyoming\"".to_string(),
             "agent.reconnect_min_ms=200".to_string(),
