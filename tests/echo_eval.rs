@@ -43,6 +43,13 @@ fn with_aec_no_false_and_no_missed_barge_ins() {
         let l = r.latency_ms.expect("latency");
         assert!((100..=300).contains(&l), "{r:?}");
     }
+    // "Stop, wait a moment": heard from its "s" (AEC3's linear output above 4 kHz passes the gate
+    // while the suppressor removes it), not only from the vowel 150 ms later (260 ms before).
+    let stop = with_user.iter().find(|r| r.name == "barge_20ms");
+    assert!(
+        stop.is_some_and(|r| r.latency_ms.is_some_and(|l| l <= 150)),
+        "{stop:?}"
+    );
 }
 
 #[cfg(feature = "aec")]
