@@ -429,7 +429,9 @@ impl Uplink {
             *expected = (l.far_bands[b] * 10f32.powf(self.band_gain_db[b] / 10.0)).max(*floor);
             band_passes |= x > *expected * self.gate_margin && x > NEAR_FLOOR;
         }
-        let linear = !cancelled_passes && band_passes;
+        // And never when the canceller slips (a delay jump, a filter reset: the linear output grows
+        // past the mic itself while the mic stays at its usual echo; seen in `hearken demo`).
+        let linear = !cancelled_passes && band_passes && mic_above_echo && l.linear < l.mic;
         // The mic far louder than any echo it has had: near-end sound for certain, whatever the
         // canceller made of it. AEC3 that has never seen an echo (no echo path: headphones, a
         // speaker far away) suppresses the near end too; the raw frame is then the one to keep.
