@@ -264,8 +264,12 @@ pub struct TurnConfig {
     pub response_timeout_ms: u32,
     /// "on": speech over the agent interrupts it; "off": the mic is ignored while the agent speaks.
     pub barge_in: BargeIn,
-    /// Speech over the agent must last this long to interrupt it. Unset: 100 with echo cancellation
-    /// (the gate has already told the user from the echo), 400 without.
+    /// Speech over the agent must last this long (from its onset) to interrupt it. Unset: 0 with
+    /// echo cancellation, 400 without. A candidate is only dropped when its speech has ended first,
+    /// and the VAD reports an end `vad.hangover_ms` after the last speech, `vad.start_ms` after it
+    /// reported the start: any value up to about `vad.start_ms + vad.hangover_ms` (210 ms by
+    /// default) drops nothing and only delays the flush. With echo cancellation the gate has already
+    /// told the user from the echo, so the VAD's own debounce is the minimum.
     pub barge_in_min_ms: Option<u32>,
     /// Audio kept from before the detected speech start, so the first syllable is never lost.
     pub preroll_ms: u32,
@@ -290,7 +294,7 @@ impl Default for TurnConfig {
 impl TurnConfig {
     /// The effective barge-in minimum, given whether echo cancellation runs.
     pub fn barge_in_min_ms(&self, aec: bool) -> u32 {
-        self.barge_in_min_ms.unwrap_or(if aec { 100 } else { 400 })
+        self.barge_in_min_ms.unwrap_or(if aec { 0 } else { 400 })
     }
 }
 
@@ -1107,6 +1111,15 @@ mod tests {
     }
 
     #[test]
+    fn barge_in_min_ms_defaults_to_the_vad_debounce_with_aec() {
+        // With echo cancellation a candidate survives any minimum up to vad.start_ms +
+        // vad.hangover_ms (it is dropped only by a SpeechEnd before it): 100 was pure latency.
+        let t = TurnConfig::default();
+        assert_eq!(t.barge_in_min_ms(true), 0);
+        assert_eq!(t.barge_in_min_ms(false), 400);
+    }
+
+    #[test]
     fn shipped_file_is_every_default() {
         let shipped = load(DEFAULT_TOML).expect("config/hearken.toml loads");
         assert_eq!(shipped.file, FileConfig::default());
@@ -1228,6 +1241,7 @@ mod tests {
         assert_eq!(c.vad.engine, VadEngineKind::Earshot);
         assert_eq!(c.turn.barge_in, BargeIn::Off);
         assert_eq!(c.turn.barge_in_min_ms(false), 250);
+        assert_eq!(c.turn.barge_in_min_ms(true), 250);
         assert_eq!(c.opus.frame_ms, 40);
         assert!(!c.earcons.enabled);
         assert_eq!(c.log.format, LogFormat::Json);

@@ -451,7 +451,7 @@ fn print_summary(config: &Config, r: &RunReport, opts: &DemoOptions) {
     let min = config.turn.barge_in_min_ms(config.aec_active()) as u64;
     println!(
         "barge-in onset in the mic -> playback flushed: p50 {}, p95 {} over {} barge-in(s) \
-         (turn.barge_in_min_ms {min} of speech is the floor)",
+         (the VAD's decision, at least turn.barge_in_min_ms {min} after the onset)",
         percentile(&r.barge_in_flush_ms, 50.0).map_or("-".into(), |v| format!("{v} ms")),
         percentile(&r.barge_in_flush_ms, 95.0).map_or("-".into(), |v| format!("{v} ms")),
         r.barge_in_flush_ms.len(),

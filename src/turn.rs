@@ -6,7 +6,9 @@
 //! AgentSpeaking -> UserSpeaking; Disconnected while an agent is configured but unreachable.
 //!
 //! Gating: speech that starts while something is playing, or within `post_playback_mute_ms` after it
-//! stopped, is a *candidate*: it must last `barge_in_min_ms` to count. If it does, playback is flushed
+//! stopped, is a *candidate*: it must last `barge_in_min_ms` to count (dropped only by a `SpeechEnd`
+//! before then, which the VAD sends a hangover after the speech: below about start + hangover the
+//! minimum only delays the flush, hence 0 with echo cancellation). If it does, playback is flushed
 //! (and, over the agent, an Interrupt is emitted) and the candidate's frames, pre-roll included, open the
 //! user's next turn, so no word is lost. If it does not, it was a blip (or the speaker's own echo) and is
 //! dropped.

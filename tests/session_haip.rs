@@ -232,8 +232,8 @@ async fn barge_in_flushes_cancels_and_drops_the_rest_of_the_run() {
     let follow_up =
         common::emulated() && flushed.len() == 2 && flushed[1].saturating_sub(flushed[0]) <= 100;
     assert!(flushed.len() == 1 || follow_up, "{:?}", report.events);
-    // Onset to flush: turn.barge_in_min_ms (100 with echo cancellation, 400 without) plus the
-    // decision's latency.
+    // Onset to flush: the VAD's decision (turn.barge_in_min_ms: 0 with echo cancellation, 400
+    // without) plus the decision's latency.
     assert_eq!(report.barge_in_flush_ms.len(), 1);
     // Emulated, the decision (the DSP thread and the turn machine, several times slower) gets more.
     let max_flush_ms = if common::emulated() { 1_500 } else { 600 };

@@ -1,11 +1,13 @@
-//! Acoustic echo cancellation at 16 kHz in 10 ms frames: WebRTC's AEC3 through `sonora`, a pure-Rust
-//! port (cargo feature `aec`, on by default). The far end is exactly what the output callback played
+//! Acoustic echo cancellation at 16 kHz in 10 ms frames: WebRTC's AEC3 from `sonora`, a pure-Rust
+//! port (cargo feature `aec`, on by default), its block processor driven here (see `Aec3`) so that
+//! its linear filter output, before the suppressor, is there for the barge-in gate. The far end is exactly what the output callback played
 //! (the playback ring's tap, resampled to 16 kHz), fed in the order it played; AEC3 estimates and
 //! tracks the delay between it and its echo in the mic signal itself (`aec.delay_ms_hint` is only its
 //! starting point). Optional noise suppression comes from the same library.
 //!
-//! Besides cancelling, every capture frame is measured: mic energy before, energy after, and the
-//! far-end energy of the last `FAR_WINDOW_MS`. The barge-in gate (in the uplink) uses them to tell the
+//! Besides cancelling, every capture frame is measured: mic energy before, energy after (suppressed,
+//! and linear: overall and above 4 kHz), and the far-end energy of the last `FAR_WINDOW_MS` (overall
+//! and above 4 kHz). The barge-in gate (in the uplink) uses them to tell the
 //! user from the residual of the device's own voice.
 //!
 //! Context: DSP worker thread. Buffers are sized in `new`.
@@ -34,8 +36,14 @@ pub struct FrameLevels {
     pub mic: f32,
     /// After cancellation (and noise suppression, when on).
     pub out: f32,
+    /// AEC3's linear filter output, before its suppressor (and before noise suppression).
+    pub linear: f32,
+    /// The linear output in each of the `BANDS`.
+    pub linear_bands: [f32; BANDS],
     /// Loudest far-end frame of the last `FAR_WINDOW_MS`.
     pub far: f32,
+    /// Loudest far-end frame of the last `FAR_WINDOW_MS` in each of the `BANDS`.
+    pub far_bands: [f32; BANDS],
 }
 
 /// Running figures for logs, the bench and the demo.
@@ -53,13 +61,219 @@ pub struct AecStats {
     pub delay_ms: Option<i32>,
 }
 
+/// AEC3 (through `sonora-aec3`'s block processor) as sonora's `AudioProcessing` runs it at 16 kHz,
+/// driven here so that the linear filter's output (the mic minus the estimated echo, before the
+/// suppressor) is available: during double talk AEC3's suppressor also removes the user's unvoiced
+/// sounds ("s", "t"), the linear output keeps them, and the barge-in gate needs them for the onset.
+/// Same processing as the library's: high-pass on the capture, 64-sample blocks, float samples in
+/// 16-bit scale, the delay hint, optional noise suppression (analysed before, applied after).
+struct Aec3 {
+    block_processor: sonora_aec3::block_processor::BlockProcessor,
+    high_pass: sonora::high_pass_filter::HighPassFilter,
+    noise_suppressor: Option<sonora_ns::noise_suppressor::NoiseSuppressor>,
+    delay_hint_ms: i32,
+    /// Capture samples (16-bit scale) not yet a whole block.
+    cap_pending: [f32; BLOCK],
+    cap_pending_fill: usize,
+    /// Processed samples waiting to be framed: suppressed output and linear output, same timing.
+    /// Primed with one block of zeros (the library's block framer does the same: 4 ms of latency).
+    out_fifo: [f32; FIFO],
+    lin_fifo: [f32; FIFO],
+    fifo_fill: usize,
+    /// Render samples not yet a whole block.
+    render_pending: [f32; BLOCK],
+    render_pending_fill: usize,
+    block: sonora_aec3::block::Block,
+    linear_block: sonora_aec3::block::Block,
+    /// The high-pass filter's working buffer (its API takes channels as vectors; sized once).
+    hp_buf: [Vec<f32>; 1],
+}
+
+/// AEC3's block: 4 ms at 16 kHz.
+const BLOCK: usize = sonora_aec3::common::BLOCK_SIZE;
+/// Output FIFO: the priming block, one frame, and the block that overshoots it.
+const FIFO: usize = FRAME + 2 * BLOCK;
+/// Full scale of the library's float samples.
+const S16: f32 = 32768.0;
+
+impl Aec3 {
+    fn new(cfg: &AecConfig) -> Self {
+        let mut config = sonora_aec3::config::EchoCanceller3Config::default();
+        config.filter.export_linear_aec_output = true;
+        let block_processor =
+            sonora_aec3::block_processor::BlockProcessor::new(&config, 16_000, 1, 1);
+        let noise_suppressor = cfg.noise_suppression.then(|| {
+            sonora_ns::noise_suppressor::NoiseSuppressor::with_level(
+                sonora_ns::config::SuppressionLevel::K12dB, // the library's "Moderate"
+            )
+        });
+        Aec3 {
+            block_processor,
+            high_pass: sonora::high_pass_filter::HighPassFilter::new(16_000, 1),
+            noise_suppressor,
+            // Clamped like the library does; the config already checks the range.
+            delay_hint_ms: (cfg.delay_ms_hint as i32).clamp(0, 500),
+            cap_pending: [0.0; BLOCK],
+            cap_pending_fill: 0,
+            out_fifo: [0.0; FIFO],
+            lin_fifo: [0.0; FIFO],
+            fifo_fill: BLOCK,
+            render_pending: [0.0; BLOCK],
+            render_pending_fill: 0,
+            block: sonora_aec3::block::Block::new(1, 1),
+            linear_block: sonora_aec3::block::Block::new(1, 1),
+            hp_buf: [vec![0.0; FRAME]],
+        }
+    }
+
+    /// One far-end frame (full scale 1.0).
+    fn render(&mut self, frame: &[f32; FRAME]) {
+        for &s in frame {
+            self.render_pending[self.render_pending_fill] = s * S16;
+            self.render_pending_fill += 1;
+            if self.render_pending_fill == BLOCK {
+                self.render_pending_fill = 0;
+                self.block
+                    .view_mut(0, 0)
+                    .copy_from_slice(&self.render_pending);
+                self.block_processor.buffer_render(&self.block);
+            }
+        }
+    }
+
+    /// One capture frame (full scale 1.0) -> suppressed output and linear filter output.
+    fn capture(&mut self, input: &[f32; FRAME], out: &mut [f32; FRAME], linear: &mut [f32; FRAME]) {
+        let saturated = input.iter().any(|s| s.abs() * S16 >= 32_700.0);
+        for (d, s) in self.hp_buf[0].iter_mut().zip(input) {
+            *d = s * S16;
+        }
+        self.high_pass.process_channels(&mut self.hp_buf);
+        if let Some(ns) = &mut self.noise_suppressor
+            && let Ok(frame) = <&[f32; FRAME]>::try_from(self.hp_buf[0].as_slice())
+        {
+            ns.analyze(frame);
+        }
+        self.block_processor
+            .set_audio_buffer_delay(self.delay_hint_ms);
+        for i in 0..FRAME {
+            self.cap_pending[self.cap_pending_fill] = self.hp_buf[0][i];
+            self.cap_pending_fill += 1;
+            if self.cap_pending_fill == BLOCK {
+                self.cap_pending_fill = 0;
+                self.block.view_mut(0, 0).copy_from_slice(&self.cap_pending);
+                self.block_processor.process_capture(
+                    false,
+                    saturated,
+                    Some(&mut self.linear_block),
+                    &mut self.block,
+                );
+                let n = self.fifo_fill;
+                self.out_fifo[n..n + BLOCK].copy_from_slice(self.block.view(0, 0));
+                self.lin_fifo[n..n + BLOCK].copy_from_slice(self.linear_block.view(0, 0));
+                self.fifo_fill += BLOCK;
+            }
+        }
+        // Always at least one frame: the priming block plus 2.5 blocks a frame (see FIFO).
+        let n = self.fifo_fill.min(FRAME);
+        out[..n].copy_from_slice(&self.out_fifo[..n]);
+        linear[..n].copy_from_slice(&self.lin_fifo[..n]);
+        self.out_fifo.copy_within(n..self.fifo_fill, 0);
+        self.lin_fifo.copy_within(n..self.fifo_fill, 0);
+        self.fifo_fill -= n;
+        if let Some(ns) = &mut self.noise_suppressor {
+            ns.process(out);
+        }
+        for s in out.iter_mut().chain(linear.iter_mut()) {
+            *s = (*s / S16).clamp(-1.0, 1.0);
+        }
+    }
+
+    fn metrics(&self) -> sonora_aec3::block_processor::BlockProcessorMetricsOutput {
+        self.block_processor.get_metrics()
+    }
+}
+
+/// One biquad section (transposed direct form II).
+#[derive(Debug, Clone, Copy)]
+struct Biquad {
+    b: [f32; 3],
+    a: [f32; 2],
+    z: [f32; 2],
+}
+
+impl Biquad {
+    /// Second-order Butterworth at `fc_hz` (16 kHz), bilinear transform: K = tan(pi fc / fs).
+    fn butterworth(fc_hz: f32, high_pass: bool) -> Self {
+        let k = (std::f32::consts::PI * fc_hz / 16_000.0).tan();
+        let n = 1.0 / (1.0 + std::f32::consts::SQRT_2 * k + k * k);
+        let b = if high_pass {
+            [n, -2.0 * n, n]
+        } else {
+            [k * k * n, 2.0 * k * k * n, k * k * n]
+        };
+        Biquad {
+            b,
+            a: [
+                2.0 * (k * k - 1.0) * n,
+                (1.0 - std::f32::consts::SQRT_2 * k + k * k) * n,
+            ],
+            z: [0.0; 2],
+        }
+    }
+
+    fn process(&mut self, x: f32) -> f32 {
+        let y = self.b[0] * x + self.z[0];
+        self.z[0] = self.b[1] * x - self.a[0] * y + self.z[1];
+        self.z[1] = self.b[2] * x - self.a[1] * y;
+        y
+    }
+}
+
+/// The bands the barge-in gate also looks at, where a voice has energy and its echo through a small
+/// speaker little: above 4 kHz (fricatives and bursts: "s", "t"). A band below 200 Hz (the
+/// fundamental, nasals) was tried and dropped: the echo's residual there varies too much (false
+/// barge-ins on the evaluation set).
+pub const BANDS: usize = 1;
+/// Cut-off (Hz) and kind (high-pass?) of each band's filter.
+const BAND_FILTERS: [(f32, bool); BANDS] = [(4_000.0, true)];
+
+/// One band's filter: two cascaded Butterworth sections (24 dB an octave), state kept across frames.
+#[derive(Debug, Clone, Copy)]
+struct BandFilter([Biquad; 2]);
+
+impl BandFilter {
+    fn new(band: usize) -> Self {
+        let (fc, high) = BAND_FILTERS[band];
+        BandFilter([Biquad::butterworth(fc, high); 2])
+    }
+
+    /// Energy (mean square) of `x` in the band.
+    fn energy(&mut self, x: &[f32]) -> f32 {
+        let [first, second] = &mut self.0;
+        let mut acc = 0.0;
+        for &s in x {
+            let y = second.process(first.process(s));
+            acc += y * y;
+        }
+        acc / x.len().max(1) as f32
+    }
+}
+
 pub struct EchoCanceller {
-    apm: sonora::AudioProcessing,
+    aec3: Aec3,
+    /// The linear output and the far end in each of the `BANDS`.
+    linear_bands: [BandFilter; BANDS],
+    far_bands: [BandFilter; BANDS],
+    /// Far-end band energies of the last `FAR_WINDOW_MS`.
+    far_bands_recent: VecDeque<[f32; BANDS]>,
     render_frame: [f32; FRAME],
     render_fill: usize,
-    render_out: [f32; FRAME],
     cap_in: [f32; FRAME],
     cap_out: [f32; FRAME],
+    /// AEC3's linear filter output for the last capture frame (before its suppressor).
+    cap_linear: [f32; FRAME],
+    /// The same as 16-bit samples, for the VAD.
+    linear_i16: [i16; FRAME],
     /// Far-end frame energies of the last `FAR_WINDOW_MS`.
     far_recent: VecDeque<f32>,
     /// Capture frames since the far end was last playing.
@@ -74,29 +288,17 @@ pub struct EchoCanceller {
 
 impl EchoCanceller {
     pub fn new(cfg: &AecConfig) -> Self {
-        use sonora::config::{EchoCanceller as Ec, NoiseSuppression, NoiseSuppressionLevel};
-        let config = sonora::Config {
-            echo_canceller: Some(Ec::default()),
-            noise_suppression: cfg.noise_suppression.then(|| NoiseSuppression {
-                level: NoiseSuppressionLevel::Moderate,
-                ..NoiseSuppression::default()
-            }),
-            ..Default::default()
-        };
-        let mut apm = sonora::AudioProcessing::builder()
-            .config(config)
-            .capture_config(sonora::StreamConfig::new(16_000, 1))
-            .render_config(sonora::StreamConfig::new(16_000, 1))
-            .build();
-        // Clamped to 0-500 by the library; the config already checks the range.
-        let _ = apm.set_stream_delay_ms(cfg.delay_ms_hint as i32);
         EchoCanceller {
-            apm,
+            aec3: Aec3::new(cfg),
+            linear_bands: std::array::from_fn(BandFilter::new),
+            far_bands: std::array::from_fn(BandFilter::new),
+            far_bands_recent: VecDeque::with_capacity(FAR_WINDOW_MS / 10 + 1),
             render_frame: [0.0; FRAME],
             render_fill: 0,
-            render_out: [0.0; FRAME],
             cap_in: [0.0; FRAME],
             cap_out: [0.0; FRAME],
+            cap_linear: [0.0; FRAME],
+            linear_i16: [0; FRAME],
             far_recent: VecDeque::with_capacity(FAR_WINDOW_MS / 10 + 1),
             quiet_frames: BYPASS_AFTER_FRAMES,
             render_credit: 0,
@@ -117,24 +319,27 @@ impl EchoCanceller {
             if self.render_fill == FRAME {
                 self.render_fill = 0;
                 let e = energy(&self.render_frame);
-                self.push_far(e);
+                let mut bands = [0.0; BANDS];
+                for (b, f) in bands.iter_mut().zip(self.far_bands.iter_mut()) {
+                    *b = f.energy(&self.render_frame);
+                }
+                self.push_far(e, bands);
                 // Bounded: a long run of far end without mic (the input stalled) must not keep the
                 // level from decaying once the mic is back and the far end has stopped.
                 self.render_credit = (self.render_credit + 1).min(MAX_RENDER_CREDIT);
-                // The render output is unused (no render-side processing is configured).
-                let _ = self
-                    .apm
-                    .process_render_f32(&[&self.render_frame], &mut [&mut self.render_out]);
+                self.aec3.render(&self.render_frame);
                 self.stats.render_frames += 1;
             }
         }
     }
 
-    fn push_far(&mut self, e: f32) {
+    fn push_far(&mut self, e: f32, bands: [f32; BANDS]) {
         if self.far_recent.len() == FAR_WINDOW_MS / 10 {
             self.far_recent.pop_front();
+            self.far_bands_recent.pop_front();
         }
         self.far_recent.push_back(e);
+        self.far_bands_recent.push_back(bands);
     }
 
     /// Cancel the echo in one 10 ms capture frame, in place.
@@ -142,7 +347,7 @@ impl EchoCanceller {
         // One render frame is due per capture frame; a missing one was silence (the level must not
         // freeze at the last loud frame).
         if self.render_credit <= 0 {
-            self.push_far(0.0);
+            self.push_far(0.0, [0.0; BANDS]);
         } else {
             self.render_credit -= 1;
         }
@@ -150,16 +355,20 @@ impl EchoCanceller {
             *d = f32::from(*s) / 32768.0;
         }
         let mic = energy(&self.cap_in);
-        if self
-            .apm
-            .process_capture_f32(&[&self.cap_in], &mut [&mut self.cap_out])
-            .is_err()
-        {
-            // Unusable frame: pass it through uncancelled rather than lose the user's audio.
-            self.cap_out = self.cap_in;
-        }
+        self.aec3
+            .capture(&self.cap_in, &mut self.cap_out, &mut self.cap_linear);
         // No far end yet (nothing has played): the gate has nothing to compare with.
         let far = self.far_recent.iter().copied().fold(0.0, f32::max);
+        let mut far_bands = [0.0f32; BANDS];
+        for e in &self.far_bands_recent {
+            for (m, x) in far_bands.iter_mut().zip(e) {
+                *m = m.max(*x);
+            }
+        }
+        let mut linear_bands = [0.0; BANDS];
+        for (b, f) in linear_bands.iter_mut().zip(self.linear_bands.iter_mut()) {
+            *b = f.energy(&self.cap_linear);
+        }
         if far >= FAR_ACTIVE {
             self.quiet_frames = 0;
         } else {
@@ -167,6 +376,7 @@ impl EchoCanceller {
         }
         if self.quiet_frames > BYPASS_AFTER_FRAMES && !self.noise_suppression {
             self.cap_out = self.cap_in;
+            self.cap_linear = self.cap_in;
             self.stats.bypassed_frames += 1;
         } else {
             for (d, s) in frame.iter_mut().zip(self.cap_out.iter()) {
@@ -175,15 +385,27 @@ impl EchoCanceller {
         }
         self.stats.frames += 1;
         if self.stats.frames.is_multiple_of(100) {
-            let st = self.apm.statistics();
-            self.stats.erle_db = st.echo_return_loss_enhancement;
-            self.stats.delay_ms = st.delay_ms;
+            let m = self.aec3.metrics();
+            self.stats.erle_db = Some(m.echo_return_loss_enhancement);
+            self.stats.delay_ms = Some(m.delay_ms);
+        }
+        for (d, s) in self.linear_i16.iter_mut().zip(self.cap_linear.iter()) {
+            *d = super::to_i16(*s);
         }
         FrameLevels {
             mic,
             out: energy(&self.cap_out),
+            linear: energy(&self.cap_linear),
+            linear_bands,
             far,
+            far_bands,
         }
+    }
+
+    /// AEC3's linear filter output for the last capture frame: the mic minus the estimated echo,
+    /// before the suppressor (the mic itself when passed through).
+    pub fn linear_frame(&self) -> &[i16; FRAME] {
+        &self.linear_i16
     }
 
     pub fn stats(&self) -> AecStats {

@@ -45,12 +45,18 @@ const MIN_ECHO_GAIN_DB: f32 = -60.0;
 /// says (power ratio, 20 dB).
 #[cfg(feature = "aec")]
 const NEAR_CERTAIN: f32 = 100.0;
+/// How fast a band's noise floor may rise per 10 ms frame (power ratio, 0.05 dB: 5 dB a second).
+#[cfg(feature = "aec")]
+const BAND_FLOOR_RISE: f32 = 1.011_579;
 /// What the barge-in gate makes of one frame.
 #[cfg(feature = "aec")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     /// The cancelled frame goes to the VAD.
     Pass,
+    /// Near-end by the canceller's linear filter output (before its suppressor, which takes the
+    /// user's unvoiced sounds for echo during double talk): that output goes to the VAD.
+    PassLinear,
     /// Near-end for certain, but the canceller suppressed it: the raw frame goes on instead.
     PassRaw,
     /// Taken for echo: the VAD hears silence.
@@ -155,6 +161,12 @@ pub struct Uplink {
     /// level relative to what played, tracked.
     #[cfg(feature = "aec")]
     echo_gain_db: f32,
+    /// The same in each of the gate's bands (linear output against the far end, both filtered).
+    #[cfg(feature = "aec")]
+    band_gain_db: [f32; super::aec::BANDS],
+    /// The linear output's noise floor in each band: follows it down at once, up 5 dB a second.
+    #[cfg(feature = "aec")]
+    band_floor: [f32; super::aec::BANDS],
     /// Mic energy / far-end energy on echo-only frames, dB (the echo path's loss), tracked.
     #[cfg(feature = "aec")]
     mic_echo_db: f32,
@@ -212,6 +224,10 @@ impl Uplink {
                 .map_or(1.0, |a| 10f32.powf(a.gate_margin_db / 10.0)),
             #[cfg(feature = "aec")]
             echo_gain_db: INITIAL_ECHO_GAIN_DB,
+            #[cfg(feature = "aec")]
+            band_gain_db: [INITIAL_ECHO_GAIN_DB; super::aec::BANDS],
+            #[cfg(feature = "aec")]
+            band_floor: [1.0; super::aec::BANDS],
             #[cfg(feature = "aec")]
             gate_open: true,
             #[cfg(feature = "aec")]
@@ -333,6 +349,11 @@ impl Uplink {
             self.vad_frame = self.stage;
             match self.gate(levels) {
                 Gate::Pass => {}
+                Gate::PassLinear => {
+                    if let Some(aec) = &self.aec {
+                        self.vad_frame = *aec.linear_frame();
+                    }
+                }
                 Gate::PassRaw => {
                     self.stage = raw;
                     self.vad_frame = raw;
@@ -386,22 +407,61 @@ impl Uplink {
         // canceller slips (a delay jump, a tone), its residual grows but the mic does not, while the
         // user's voice adds to the mic.
         let mic_echo = l.far * 10f32.powf(self.mic_echo_db / 10.0);
-        let cancelled_passes = l.out > expected * self.gate_margin
-            && l.out > NEAR_FLOOR
-            && l.mic > mic_echo * MIC_MARGIN;
+        let mic_above_echo = l.mic > mic_echo * MIC_MARGIN;
+        let cancelled_passes =
+            l.out > expected * self.gate_margin && l.out > NEAR_FLOOR && mic_above_echo;
+        // AEC3's linear filter output keeps what its suppressor removes of the user during double
+        // talk (an "s" under the device's vowels). Above 4 kHz (see `aec::BANDS`) a voice's
+        // fricatives and bursts are strong, the echo of a voice weak: the band's linear output
+        // against the residual learnt in it (so a speaker that does play it raises the bar) and its
+        // noise floor. Not broadband: the linear residual swings too much with the far end (false
+        // barge-ins on a full-band echo, the evaluation set's make.sh with `lowpass 7600`).
+        let mut expected_band = [0.0; super::aec::BANDS];
+        let mut band_passes = false;
+        for (b, expected) in expected_band.iter_mut().enumerate() {
+            let x = l.linear_bands[b];
+            let floor = &mut self.band_floor[b];
+            *floor = if x < *floor {
+                x
+            } else {
+                *floor * BAND_FLOOR_RISE
+            };
+            *expected = (l.far_bands[b] * 10f32.powf(self.band_gain_db[b] / 10.0)).max(*floor);
+            band_passes |= x > *expected * self.gate_margin && x > NEAR_FLOOR;
+        }
+        // And never when the canceller slips (a delay jump, a filter reset: the linear output grows
+        // past the mic itself while the mic stays at its usual echo; seen in `hearken demo`).
+        let linear = !cancelled_passes && band_passes && mic_above_echo && l.linear < l.mic;
         // The mic far louder than any echo it has had: near-end sound for certain, whatever the
         // canceller made of it. AEC3 that has never seen an echo (no echo path: headphones, a
         // speaker far away) suppresses the near end too; the raw frame is then the one to keep.
-        let raw = !cancelled_passes && l.mic > mic_echo * NEAR_CERTAIN && l.mic > NEAR_FLOOR;
-        let passes = cancelled_passes || raw;
+        let raw =
+            !cancelled_passes && !linear && l.mic > mic_echo * NEAR_CERTAIN && l.mic > NEAR_FLOOR;
+        let passes = cancelled_passes || linear || raw;
+        tracing::trace!(
+            at_ms = self.pos / 16,
+            mic_db = super::aec::db(l.mic),
+            mic_echo_db = super::aec::db(mic_echo),
+            out_db = super::aec::db(l.out),
+            expected_echo_db = super::aec::db(expected),
+            linear_db = super::aec::db(l.linear),
+            high_db = super::aec::db(l.linear_bands[0]),
+            expected_high_db = super::aec::db(expected_band[0]),
+            far_db = super::aec::db(l.far),
+            passes,
+            "gate frame"
+        );
         if passes != self.gate_open {
             // Every opening and closing, with its evidence: what a barge-in decision rests on.
             self.gate_open = passes;
             tracing::debug!(
                 open = passes,
                 raw,
+                linear,
                 out_db = super::aec::db(l.out),
                 expected_echo_db = super::aec::db(expected),
+                high_db = super::aec::db(l.linear_bands[0]),
+                expected_high_db = super::aec::db(expected_band[0]),
                 mic_echo_db = super::aec::db(mic_echo),
                 margin_db = super::aec::db(self.gate_margin),
                 mic_db = super::aec::db(l.mic),
@@ -426,6 +486,14 @@ impl Uplink {
                 let g_db = super::aec::db(l.out.max(SILENT_FRAME) / l.far);
                 self.echo_gain_db += if g_db > self.echo_gain_db { 1.2 } else { -0.3 };
                 self.echo_gain_db = self.echo_gain_db.clamp(MIN_ECHO_GAIN_DB, 10.0);
+                let bands = l.linear_bands.iter().zip(l.far_bands.iter());
+                for (gain, (&x, &far)) in self.band_gain_db.iter_mut().zip(bands) {
+                    if far > 0.0 {
+                        let g_db = super::aec::db(x.max(SILENT_FRAME) / far);
+                        *gain += if g_db > *gain { 1.2 } else { -0.3 };
+                        *gain = gain.clamp(MIN_ECHO_GAIN_DB, 10.0);
+                    }
+                }
             }
             if l.far > 0.0 {
                 let g_db = super::aec::db(l.mic.max(SILENT_FRAME) / l.far);
@@ -439,9 +507,10 @@ impl Uplink {
                 self.mic_echo_db = self.mic_echo_db.clamp(MIN_ECHO_GAIN_DB, 20.0);
             }
         }
-        match (passes, raw) {
-            (true, false) => Gate::Pass,
-            (true, true) => Gate::PassRaw,
+        match (cancelled_passes, linear, raw) {
+            (true, _, _) => Gate::Pass,
+            (_, true, _) => Gate::PassLinear,
+            (_, _, true) => Gate::PassRaw,
             _ => Gate::Block,
         }
     }
