@@ -147,7 +147,7 @@ impl Program {
         };
         // Looked up first, as the exec would: under an emulator (qemu-user) a failed exec is not
         // reported by `spawn`, the child just exits with 127, and that must still read "not found".
-        if !program_exists(program) {
+        if !crate::transport::stdio::program_exists(program) {
             return Err(unavailable(format!(
                 "program {program:?} not found (no such file, nor on PATH); is it installed and on \
                  PATH?"
@@ -686,16 +686,6 @@ impl SpeechToText for CommandStt {
     }
 }
 
-/// Whether `program` names a file (with a `/`) or a file in a `$PATH` directory, as exec finds it.
-fn program_exists(program: &str) -> bool {
-    if program.contains('/') {
-        return std::path::Path::new(program).is_file();
-    }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| !program.is_empty() && dir.join(program).is_file())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -704,16 +694,6 @@ mod tests {
         let mut w = wav_bytes(22_050, &[]);
         w[40..44].copy_from_slice(&data_len.to_le_bytes());
         w
-    }
-
-    #[test]
-    fn programs_are_looked_up_like_exec_does() {
-        assert!(program_exists("sh"), "sh on PATH");
-        assert!(program_exists("/bin/sh"));
-        assert!(!program_exists("hearken-no-such-program"));
-        assert!(!program_exists("/nonexistent/sh"));
-        assert!(!program_exists("/bin"), "a directory is not a program");
-        assert!(!program_exists(""));
     }
 
     #[test]

@@ -112,6 +112,17 @@ impl std::fmt::Debug for StdioConnection {
 }
 
 /// Starts `argv` with piped stdin, stdout and stderr.
+/// Whether `program` names a file (with a `/`) or a file in a `$PATH` directory, as exec finds it.
+/// Also used by the command speech backend.
+pub fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return std::path::Path::new(program).is_file();
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| !program.is_empty() && dir.join(program).is_file())
+    })
+}
+
 pub async fn connect(argv: &[String]) -> Result<StdioConnection, TransportError> {
     connect_with(&StdioSettings::new(argv)).await
 }
@@ -123,6 +134,14 @@ pub async fn connect_with(s: &StdioSettings) -> Result<StdioConnection, Transpor
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "the command is empty"),
         });
     };
+    // Looked up first, as the exec would: under an emulator (qemu-user) a failed exec is not
+    // reported by `spawn`, the child just exits with 127.
+    if !program_exists(program) {
+        return Err(TransportError::Spawn {
+            program: program.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file, nor on PATH"),
+        });
+    }
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
@@ -379,5 +398,20 @@ impl AgentConnection for StdioConnection {
         } else {
             Instant::now()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_looked_up_like_exec_does() {
+        assert!(program_exists("sh"), "sh on PATH");
+        assert!(program_exists("/bin/sh"));
+        assert!(!program_exists("hearken-no-such-program"));
+        assert!(!program_exists("/nonexistent/sh"));
+        assert!(!program_exists("/bin"), "a directory is not a program");
+        assert!(!program_exists(""));
     }
 }
