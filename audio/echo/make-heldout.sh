@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Build a held-out echo-cancellation set: the same kind of far-end / mic pairs as make.sh, but with
+# other voices, sentences, speeds, rooms (reverb, level, delay 10-80 ms), speaker bands (the cheap
+# 250 Hz - 3.8 kHz one and a full-band one) and users. None of it is used to tune hearken: it is
+# the check that what works on the committed set is not fitted to it. Not committed (it is made in
+# a few seconds); `hearken bench barge-in --set OUT` runs it.
+#
+# Requires espeak-ng (1.51 used) and sox (14.4.2 used). Usage: audio/echo/make-heldout.sh OUT_DIR
+set -euo pipefail
+
+OUT="${1:?usage: make-heldout.sh OUT_DIR}"
+mkdir -p "$OUT"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+SOX=(sox -R -D)
+FMT=(-r 16000 -c 1 -b 16 -e signed-integer)
+LEN=6.0
+
+# speak VOICE SPEED TEXT OUT.wav
+speak() {
+  espeak-ng -v "$1" -s "$2" -w "$TMP/raw.wav" "$3"
+  "${SOX[@]}" "$TMP/raw.wav" "${FMT[@]}" "$4" rate -v 16k \
+    silence 1 0.01 0.5% reverse silence 1 0.01 0.5% reverse gain -n -3
+}
+
+place() {
+  "${SOX[@]}" "$1" "${FMT[@]}" "$3" pad "$2" "$LEN" trim 0 "$LEN"
+}
+
+entries=()
+
+# mix NAME VOICE SPEED DELAY_MS GAIN_DB LOWPASS REVERB NOISE SENTENCE [ONSET_MS UVOICE UGAIN UTEXT]
+mix() {
+  local name="$1" voice="$2" speed="$3" delay="$4" gain="$5" lp="$6" rev="$7" noise="$8" sentence="$9"
+  local onset="${10:-}" uvoice="${11:-}" ugain="${12:-0}" utext="${13:-}"
+  speak "$voice" "$speed" "$sentence" "$TMP/agent.wav"
+  place "$TMP/agent.wav" 0.2 "$OUT/${name}_far.wav"
+  "${SOX[@]}" "$OUT/${name}_far.wav" "${FMT[@]}" "$TMP/echo.wav" \
+    highpass 200 lowpass "$lp" reverb "$rev" 50 20 gain "$gain" pad "$(printf '0.%03d' "$delay")" 0 trim 0 "$LEN"
+  "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$TMP/noise.wav" synth "$LEN" whitenoise vol "$noise"
+  if [ -n "$onset" ]; then
+    speak "$uvoice" 170 "$utext" "$TMP/user.wav"
+    "${SOX[@]}" "$TMP/user.wav" "${FMT[@]}" "$TMP/user_g.wav" gain "$ugain"
+    place "$TMP/user_g.wav" "$(printf '%d.%03d' $((onset / 1000)) $((onset % 1000)))" "$TMP/user_p.wav"
+    "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/user_p.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
+    entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": $onset, \"delay_ms\": $delay}")
+  else
+    "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
+    entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": null, \"delay_ms\": $delay}")
+  fi
+}
+
+# jump NAME VOICE DELAY1_MS DELAY2_MS SPLIT_S SENTENCE: an echo-only mix whose echo delay jumps from
+# DELAY1 to DELAY2 at SPLIT_S (a clock slip of the sound card), full band.
+jump() {
+  local name="$1" voice="$2" d1="$3" d2="$4" split="$5" sentence="$6"
+  speak "$voice" 165 "$sentence" "$TMP/agent.wav"
+  place "$TMP/agent.wav" 0.2 "$OUT/${name}_far.wav"
+  for d in "$d1" "$d2"; do
+    "${SOX[@]}" "$OUT/${name}_far.wav" "${FMT[@]}" "$TMP/e$d.wav" \
+      highpass 200 lowpass 7600 reverb 40 50 20 gain -4 pad "$(printf '0.%03d' "$d")" 0 trim 0 "$LEN"
+  done
+  "${SOX[@]}" "$TMP/e$d1.wav" "$TMP/a.wav" trim 0 "$split"
+  "${SOX[@]}" "$TMP/e$d2.wav" "$TMP/b.wav" trim "$split"
+  "${SOX[@]}" "$TMP/a.wav" "$TMP/b.wav" "$TMP/echo.wav"
+  "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$TMP/noise.wav" synth "$LEN" whitenoise vol 0.004
+  "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
+  entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": null, \"delay_ms\": $d1}")
+}
+
+S1="Sure. I have moved your dentist appointment to Thursday at nine thirty, and I will remind you an hour before."
+S2="The capital of Australia is Canberra, not Sydney, which surprises a lot of people who visit."
+S3="Playing your relaxing evening playlist in the living room, starting with a piano piece by Satie."
+S4="It is currently seven degrees outside with light rain, so you might want to take an umbrella."
+S5="Six hundred grams of flour, two teaspoons of salt, and a little more than half a litre of warm water."
+S6="Your package was shipped this morning and should arrive the day after tomorrow before noon."
+
+mix h_echo_a   en-us+m3       160 15 -3  3800 40 0.003 "$S1"
+mix h_echo_b   en-gb          175 30 -5  7600 30 0.005 "$S2"
+mix h_echo_c   en-us+f4       150 50 -2  3800 60 0.003 "$S3"
+mix h_echo_d   en-gb-x-rp     180 70 -7  7600 50 0.008 "$S4"
+mix h_echo_e   en-us+m7       165 25 -4  7600 40 0.004 "$S5"
+mix h_echo_f   en-029         155 80 -3  3800 30 0.006 "$S6"
+S7="Absolutely! Here are three ideas: a picnic by the river, a museum visit, or a cooking class downtown."
+mix h_echo_g   en-us+f2       200 40  0  7600 30 0.010 "$S7"
+mix h_echo_h   en-gb-scotland 170 20 -1  3800 70 0.002 "$S2"
+jump h_jump_up   en-us        20 70 2.5 "$S4"
+jump h_jump_down en-us+m3     70 20 2.5 "$S6"
+mix h_barge_a  en-us+m3       160 15 -3  3800 40 0.003 "$S1" 2100 en-us+f2       -2 "Wait, not Thursday."
+mix h_barge_b  en-gb          175 30 -5  7600 30 0.005 "$S2" 1500 en-gb-scotland  0 "Okay, stop."
+mix h_barge_c  en-us+f4       150 50 -2  3800 60 0.003 "$S3" 2800 en-us+m1       -3 "Pause."
+mix h_barge_d  en-gb-x-rp     180 70 -7  7600 50 0.008 "$S4" 1900 en-us+f3       -4 "Thanks, that's enough."
+mix h_barge_e  en-us+m7       165 25 -4  7600 40 0.004 "$S5" 3300 en-gb+f4       -1 "Hang on, how much salt?"
+mix h_barge_f  en-029         155 80 -3  3800 30 0.006 "$S6" 2400 en-us+m2       -2 "Fine, thank you."
+
+{
+  echo "{"
+  echo "  \"about\": \"held-out set made by make-heldout.sh: other voices, sentences, rooms and users than make.sh's\","
+  echo "  \"mixes\": ["
+  for i in "${!entries[@]}"; do
+    sep=","; [ "$i" -eq $(( ${#entries[@]} - 1 )) ] && sep=""
+    echo "    ${entries[$i]}$sep"
+  done
+  echo "  ]"
+  echo "}"
+} >"$OUT/manifest.json"
+echo "wrote ${#entries[@]} mixes and manifest.json to $OUT"
