@@ -418,11 +418,16 @@ fn barge_in(config: &Config, set: Option<&Path>) -> anyhow::Result<()> {
     let aec = results.first().is_some_and(|r| r.aec);
     println!(
         "hearken bench barge-in: {} mixes from {}; echo cancellation {}; turn.barge_in_min_ms {}, \
-         aec.gate_margin_db {}",
+         vad.barge_in_start_ms {}, aec.gate_margin_db {}",
         results.len(),
         dir.display(),
         if aec { "on (AEC3)" } else { "off" },
         config.turn.barge_in_min_ms(aec),
+        if aec {
+            config.vad.barge_in_start_ms
+        } else {
+            config.vad.start_ms
+        },
         config.aec.gate_margin_db,
     );
     println!(

@@ -229,6 +229,9 @@ pub struct VadConfig {
     pub threshold: f32,
     /// Continuous speech needed before speech start is reported.
     pub start_ms: u32,
+    /// The same while the device is playing, with echo cancellation (a barge-in): the gate has
+    /// already told the user from the echo. At most `start_ms`.
+    pub barge_in_start_ms: u32,
     /// Continuous non-speech needed before speech end is reported.
     pub hangover_ms: u32,
 }
@@ -241,6 +244,7 @@ impl Default for VadConfig {
             frame_ms: 30,
             threshold: 0.5,
             start_ms: 60,
+            barge_in_start_ms: 30,
             hangover_ms: 150,
         }
     }
@@ -765,6 +769,12 @@ impl Config {
         }
         unit("vad.threshold", c.vad.threshold)?;
         range("vad.start_ms", c.vad.start_ms, 0, 1_000)?;
+        range(
+            "vad.barge_in_start_ms",
+            c.vad.barge_in_start_ms,
+            0,
+            c.vad.start_ms,
+        )?;
         range("vad.hangover_ms", c.vad.hangover_ms, 0, 2_000)?;
 
         range("turn.end_silence_ms", c.turn.end_silence_ms, 100, 10_000)?;
@@ -1172,6 +1182,7 @@ mod tests {
             frame_ms = 20
             threshold = 0.6
             start_ms = 90
+            barge_in_start_ms = 60
             hangover_ms = 300
             [turn]
             end_silence_ms = 900
@@ -1329,6 +1340,7 @@ mod tests {
             ("[vad]\nengine = \"silero\"", "vad.engine"),
             ("[vad]\nthreshold = 1.5", "vad.threshold"),
             ("[vad]\nhangover_ms = 800", "vad.hangover_ms"),
+            ("[vad]\nbarge_in_start_ms = 90", "vad.barge_in_start_ms"),
             ("[audio]\ninput_channel = \"left\"", "audio.input_channel"),
             ("[audio]\ninput_channel = -1", "audio.input_channel"),
             ("[audio]\ninput_rate_hz = 300", "audio.input_rate_hz"),

@@ -39,9 +39,10 @@ fn with_aec_no_false_and_no_missed_barge_ins() {
         assert!(r.gated_frames * 10 >= r.far_frames * 9, "{r:?}");
     }
     for r in &with_user {
-        // Onset -> flushed: the VAD's own onset delay (barge_in_min_ms is 0 with AEC) plus one period.
+        // Onset -> flushed: the VAD's own onset delay (barge_in_min_ms is 0 with AEC, the VAD's
+        // barge-in debounce 30 ms) plus one period: the 150 ms, on every mix of the set.
         let l = r.latency_ms.expect("latency");
-        assert!((10..=200).contains(&l), "{r:?}");
+        assert!((10..=150).contains(&l), "{r:?}");
         // From where the VAD placed the onset: its decision and one period, nothing waits on top
         // (with the old default barge_in_min_ms = 100 this was 110 ms on every mix).
         let from_vad = r.vad_latency_ms.expect("latency from the VAD onset");
@@ -54,6 +55,39 @@ fn with_aec_no_false_and_no_missed_barge_ins() {
         stop.is_some_and(|r| r.latency_ms.is_some_and(|l| l <= 150)),
         "{stop:?}"
     );
+}
+
+#[cfg(feature = "aec")]
+#[test]
+fn the_shorter_barge_in_debounce_is_what_brings_the_latency_down() {
+    let worst = |overrides: &[&str]| {
+        evaluate_set(&config(overrides), &set_dir())
+            .expect("evaluation")
+            .iter()
+            .filter_map(|r| r.latency_ms)
+            .max()
+            .expect("latencies")
+    };
+    let short = worst(&[]);
+    // The full start debounce while the device plays: 30 ms more on the slowest mix.
+    let long = worst(&["vad.barge_in_start_ms=60"]);
+    assert!(short <= 150 && long > short, "{short} {long}");
+}
+
+/// The echo delay jumps mid-answer (`audio/echo/jump`, made by the same `make.sh`): AEC3's filter no
+/// longer matches and lets the echo through at full level, which the gate's level tests take for
+/// the user (the 70 -> 20 ms mix interrupted itself before the coherence test). What the filter
+/// leaves still correlates with the far end, so the gate holds it back.
+#[cfg(feature = "aec")]
+#[test]
+fn an_echo_delay_jump_does_not_make_the_device_interrupt_itself() {
+    let dir = set_dir().join("jump");
+    let results = evaluate_set(&config(&[]), &dir).expect("evaluation");
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert_eq!(r.false_barge_ins, 0, "{r:?}");
+        assert!(r.gated_frames * 100 >= r.far_frames * 99, "{r:?}");
+    }
 }
 
 #[cfg(feature = "aec")]

@@ -55,6 +55,27 @@ mix() {
   fi
 }
 
+# jump NAME DELAY1_MS DELAY2_MS SENTENCE -> OUT/jump: an echo-only mix whose echo delay jumps from
+# DELAY1 to DELAY2 at 2.5 s (the sound card's clock slipped), with a full-band speaker; the echo
+# canceller's filter no longer matches and lets the echo through until it has re-converged.
+jump() {
+  local name="$1" d1="$2" d2="$3" sentence="$4"
+  mkdir -p "$OUT/jump"
+  speak en-us "$sentence" "$TMP/agent.wav"
+  place "$TMP/agent.wav" 0.2 "$OUT/jump/${name}_far.wav"
+  for d in "$d1" "$d2"; do
+    "${SOX[@]}" "$OUT/jump/${name}_far.wav" "${FMT[@]}" "$TMP/e$d.wav" \
+      highpass 250 lowpass 7600 reverb 30 50 20 gain -4 pad "$(printf '0.%03d' "$d")" 0 trim 0 "$LEN"
+  done
+  "${SOX[@]}" "$TMP/e$d1.wav" "$TMP/a.wav" trim 0 2.5
+  "${SOX[@]}" "$TMP/e$d2.wav" "$TMP/b.wav" trim 2.5
+  "${SOX[@]}" "$TMP/a.wav" "$TMP/b.wav" "$TMP/echo.wav"
+  "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$TMP/noise.wav" synth "$LEN" whitenoise vol 0.003
+  "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/jump/${name}_mic.wav"
+  jumps+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": null, \"delay_ms\": $d1}")
+}
+jumps=()
+
 mix echo_10ms  10 -4  "The forecast for tomorrow is sunny with a light breeze and a high of twenty two degrees."
 mix echo_35ms  35 -6  "I have added milk, eggs and bread to your shopping list, and set a timer for ten minutes."
 mix echo_60ms  60 -3  "Your next meeting is at three o'clock in the small conference room on the second floor."
@@ -75,4 +96,17 @@ mix barge_80ms 80 -8  "Here is a short story about a lighthouse keeper who lived
   echo "  ]"
   echo "}"
 } >"$OUT/manifest.json"
-echo "wrote ${#entries[@]} mixes and manifest.json to $OUT"
+jump jump_20_70ms 20 70 "I have added milk, eggs and bread to your shopping list, and set a timer for ten minutes."
+jump jump_70_20ms 70 20 "Here is a short story about a lighthouse keeper who lived alone on a rocky island."
+{
+  echo "{"
+  echo "  \"about\": \"echo-only mixes whose echo delay jumps at 2.5 s (a clock slip), full-band speaker; made by ../make.sh\","
+  echo "  \"mixes\": ["
+  for i in "${!jumps[@]}"; do
+    sep=","; [ "$i" -eq $(( ${#jumps[@]} - 1 )) ] && sep=""
+    echo "    ${jumps[$i]}$sep"
+  done
+  echo "  ]"
+  echo "}"
+} >"$OUT/jump/manifest.json"
+echo "wrote ${#entries[@]} mixes and manifest.json to $OUT, ${#jumps[@]} to $OUT/jump"

@@ -26,6 +26,8 @@ pub const FAR_ACTIVE: f32 = 1e-6;
 /// through untouched (the canceller still runs, to keep its state), so the user's words are not
 /// filtered or suppressed for nothing. Not with noise suppression on, which is wanted all the time.
 const BYPASS_AFTER_FRAMES: u32 = 50;
+/// Speaker-to-mic delays the coherence looks at, at least (`aec.delay_ms_hint` + 50 ms if more).
+const COHERENCE_MAX_LAG_MS: usize = 150;
 /// Render frames that may be ahead of the capture frames (half a second).
 const MAX_RENDER_CREDIT: i64 = 50;
 
@@ -259,6 +261,105 @@ impl BandFilter {
     }
 }
 
+/// Decimation from 16 kHz to the coherence's 2 kHz.
+const COH_DECIMATE: usize = 8;
+/// Coherence samples per 10 ms frame.
+const COH_FRAME: usize = FRAME / COH_DECIMATE;
+/// The window the correlation is taken over: 60 ms.
+const COH_WINDOW: usize = 6 * COH_FRAME;
+/// Below this mic energy in the window (mean square, -60 dBFS) there is nothing to correlate.
+const COH_MIN_ENERGY: f32 = 1e-6;
+
+/// Does the mic sound like what the speaker played, whatever the canceller makes of it? The
+/// largest normalised correlation, over every speaker-to-mic delay up to `max_lag`, between the
+/// last 60 ms of the mic and of the far end, both low-passed at 800 Hz and taken at 2 kHz (where a
+/// voice, and its echo through a small speaker, have most of their energy; the cost is about 4 M
+/// multiply-adds per audio second for 150 ms of delays).
+///
+/// The echo alone keeps it high (0.7 typical: the room's reverb and noise take the rest), when the
+/// user speaks over it it falls (another voice does not correlate with the far end). What it is for:
+/// when the echo path changes (a sound card's clock slip makes the delay jump), AEC3's filter no
+/// longer matches and passes the echo through, and the gate's level tests take it for the user;
+/// the correlation still finds the echo, at its new delay.
+struct EchoCoherence {
+    lp_far: [Biquad; 2],
+    lp_mic: [Biquad; 2],
+    /// The far end at 2 kHz, oldest first: the window plus every delay.
+    far: Box<[f32]>,
+    /// The mic at 2 kHz, oldest first.
+    mic: [f32; COH_WINDOW],
+    /// Running sums of the far end's squares (`prefix[i]` = sum of `far[..i]`), per frame.
+    prefix: Box<[f32]>,
+    max_lag: usize,
+}
+
+impl EchoCoherence {
+    fn new(max_lag_ms: usize) -> Self {
+        let max_lag = max_lag_ms * 16_000 / COH_DECIMATE / 1000;
+        EchoCoherence {
+            lp_far: [Biquad::butterworth(800.0, false); 2],
+            lp_mic: [Biquad::butterworth(800.0, false); 2],
+            far: vec![0.0; COH_WINDOW + max_lag].into_boxed_slice(),
+            mic: [0.0; COH_WINDOW],
+            prefix: vec![0.0; COH_WINDOW + max_lag + 1].into_boxed_slice(),
+            max_lag,
+        }
+    }
+
+    fn decimate(filters: &mut [Biquad; 2], x: &[f32; FRAME], out: &mut [f32]) {
+        let [a, b] = filters;
+        for (i, &s) in x.iter().enumerate() {
+            let y = b.process(a.process(s));
+            if i % COH_DECIMATE == COH_DECIMATE - 1 {
+                out[i / COH_DECIMATE] = y;
+            }
+        }
+    }
+
+    /// One far-end frame, as played.
+    fn render(&mut self, x: &[f32; FRAME]) {
+        let n = self.far.len();
+        self.far.copy_within(COH_FRAME.., 0);
+        Self::decimate(&mut self.lp_far, x, &mut self.far[n - COH_FRAME..]);
+    }
+
+    /// One mic frame (same period as the last far-end frame).
+    fn capture(&mut self, x: &[f32; FRAME]) {
+        self.mic.copy_within(COH_FRAME.., 0);
+        Self::decimate(&mut self.lp_mic, x, &mut self.mic[COH_WINDOW - COH_FRAME..]);
+    }
+
+    /// The correlation over the last window, 0.0 to 1.0 (0.0 when the mic or the far end is too
+    /// quiet to tell). Only computed when asked: the gate asks when a frame would pass.
+    fn correlate(&mut self) -> f32 {
+        let em: f32 = self.mic.iter().map(|s| s * s).sum();
+        if em < COH_MIN_ENERGY * COH_WINDOW as f32 {
+            return 0.0;
+        }
+        let mut acc = 0.0;
+        self.prefix[0] = 0.0;
+        for (i, s) in self.far.iter().enumerate() {
+            acc += s * s;
+            self.prefix[i + 1] = acc;
+        }
+        let n = self.far.len();
+        let mut best = 0.0f32;
+        for lag in 0..=self.max_lag {
+            // The far end `lag` samples before the mic window.
+            let (from, to) = (n - COH_WINDOW - lag, n - lag);
+            let ef = self.prefix[to] - self.prefix[from];
+            if ef < COH_MIN_ENERGY * 1e-2 * COH_WINDOW as f32 {
+                continue;
+            }
+            let c = dot(&self.mic, &self.far[from..to]);
+            if c > 0.0 {
+                best = best.max(c * c / (em * ef));
+            }
+        }
+        best.sqrt().min(1.0)
+    }
+}
+
 pub struct EchoCanceller {
     aec3: Aec3,
     /// The linear output and the far end in each of the `BANDS`.
@@ -283,6 +384,9 @@ pub struct EchoCanceller {
     render_credit: i64,
     /// Noise suppression runs: the mic always goes through the library then.
     noise_suppression: bool,
+    coherence: EchoCoherence,
+    /// The far end was playing at the last capture frame.
+    far_playing: bool,
     stats: AecStats,
 }
 
@@ -303,7 +407,22 @@ impl EchoCanceller {
             quiet_frames: BYPASS_AFTER_FRAMES,
             render_credit: 0,
             noise_suppression: cfg.noise_suppression,
+            coherence: EchoCoherence::new(
+                COHERENCE_MAX_LAG_MS.max(cfg.delay_ms_hint as usize + 50),
+            ),
+            far_playing: false,
             stats: AecStats::default(),
+        }
+    }
+
+    /// How much the canceller's linear output for the last capture frames correlates with the far
+    /// end at the best delay, 0.0-1.0 (see `EchoCoherence`): how much of what the filter left is
+    /// still the device's own voice. 0.0 while nothing plays.
+    pub fn coherence(&mut self) -> f32 {
+        if self.far_playing {
+            self.coherence.correlate()
+        } else {
+            0.0
         }
     }
 
@@ -328,6 +447,7 @@ impl EchoCanceller {
                 // level from decaying once the mic is back and the far end has stopped.
                 self.render_credit = (self.render_credit + 1).min(MAX_RENDER_CREDIT);
                 self.aec3.render(&self.render_frame);
+                self.coherence.render(&self.render_frame);
                 self.stats.render_frames += 1;
             }
         }
@@ -348,6 +468,7 @@ impl EchoCanceller {
         // freeze at the last loud frame).
         if self.render_credit <= 0 {
             self.push_far(0.0, [0.0; BANDS]);
+            self.coherence.render(&[0.0; FRAME]);
         } else {
             self.render_credit -= 1;
         }
@@ -355,10 +476,13 @@ impl EchoCanceller {
             *d = f32::from(*s) / 32768.0;
         }
         let mic = energy(&self.cap_in);
+
         self.aec3
             .capture(&self.cap_in, &mut self.cap_out, &mut self.cap_linear);
         // No far end yet (nothing has played): the gate has nothing to compare with.
         let far = self.far_recent.iter().copied().fold(0.0, f32::max);
+        self.coherence.capture(&self.cap_linear);
+        self.far_playing = far >= FAR_ACTIVE;
         let mut far_bands = [0.0f32; BANDS];
         for e in &self.far_bands_recent {
             for (m, x) in far_bands.iter_mut().zip(e) {
@@ -413,6 +537,24 @@ impl EchoCanceller {
     }
 }
 
+/// Dot product of two slices of the same length, in eight lanes (so that it vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Mean square of `x`.
 pub fn energy(x: &[f32]) -> f32 {
     if x.is_empty() {
@@ -454,6 +596,94 @@ mod tests {
             }
         }
         (mic, out)
+    }
+
+    /// Speech-like far end: noise through a resonance, in bursts, so the echo has a low band.
+    fn voiceish(n: usize, seed: &mut u32) -> Vec<f32> {
+        let raw = noise(n, seed);
+        let mut lp = [Biquad::butterworth(600.0, false); 2];
+        raw.iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let on = (i / 3200) % 3 != 2; // 200 ms on, 100 ms off
+                let x = lp[0].process(f32::from(s) / 2048.0);
+                let y = lp[1].process(x);
+                if on { y } else { 0.0 }
+            })
+            .collect()
+    }
+
+    /// Coherence per 10 ms frame of `mic` against `far`.
+    fn coherence_of(far: &[f32], mic: &[f32]) -> Vec<f32> {
+        let mut c = EchoCoherence::new(COHERENCE_MAX_LAG_MS);
+        far.chunks_exact(FRAME)
+            .zip(mic.chunks_exact(FRAME))
+            .map(|(f, m)| {
+                c.render(f.try_into().unwrap());
+                c.capture(m.try_into().unwrap());
+                c.correlate()
+            })
+            .collect()
+    }
+
+    fn delayed(x: &[f32], by: usize, gain: f32) -> Vec<f32> {
+        (0..x.len())
+            .map(|i| i.checked_sub(by).map_or(0.0, |j| x[j] * gain))
+            .collect()
+    }
+
+    fn median(mut v: Vec<f32>) -> f32 {
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    }
+
+    #[test]
+    fn the_echo_correlates_with_the_far_end_another_voice_does_not() {
+        let mut seed = 3;
+        let far = voiceish(FRAME * 300, &mut seed);
+        // The echo 45 ms later, quieter, plus a little noise.
+        let hiss = noise(far.len(), &mut seed);
+        let echo: Vec<f32> = delayed(&far, 720, 0.3)
+            .iter()
+            .zip(&hiss)
+            .map(|(e, n)| e + f32::from(*n) / 32768.0 * 0.01)
+            .collect();
+        let c = coherence_of(&far, &echo);
+        assert!(median(c[20..].to_vec()) > 0.8, "{:?}", &c[20..40]);
+        // Another voice (an independent signal of the same kind) at the mic.
+        let user = voiceish(far.len(), &mut seed);
+        let c = coherence_of(&far, &user);
+        assert!(median(c[20..].to_vec()) < 0.4, "{:?}", &c[20..40]);
+        // The echo moves from 70 to 20 ms (a clock slip): at its new delay it still correlates.
+        let (before, after) = (delayed(&far, 1120, 0.3), delayed(&far, 320, 0.3));
+        let split = FRAME * 150;
+        let jumped: Vec<f32> = before[..split]
+            .iter()
+            .chain(&after[split..])
+            .copied()
+            .collect();
+        let c = coherence_of(&far, &jumped);
+        // Once the 60 ms window holds only the new delay; 0.0 is the far end's pauses.
+        let after_jump: Vec<f32> = c[150 + 6..250]
+            .iter()
+            .copied()
+            .filter(|&x| x > 0.0)
+            .collect();
+        assert!(after_jump.len() > 50, "{after_jump:?}");
+        assert!(after_jump.iter().all(|&x| x >= 0.5), "{after_jump:?}");
+    }
+
+    #[test]
+    fn coherence_is_zero_when_nothing_plays_or_the_mic_is_quiet() {
+        let mut aec = EchoCanceller::new(&AecConfig::default());
+        let mut frame = [1000i16; FRAME];
+        aec.render(&[0.0; FRAME]);
+        aec.capture(&mut frame);
+        assert_eq!(aec.coherence(), 0.0);
+        let mut c = EchoCoherence::new(COHERENCE_MAX_LAG_MS);
+        c.render(&[0.1; FRAME]);
+        c.capture(&[0.0; FRAME]);
+        assert_eq!(c.correlate(), 0.0);
     }
 
     #[test]

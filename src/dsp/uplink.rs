@@ -48,6 +48,12 @@ const NEAR_CERTAIN: f32 = 100.0;
 /// How fast a band's noise floor may rise per 10 ms frame (power ratio, 0.05 dB: 5 dB a second).
 #[cfg(feature = "aec")]
 const BAND_FLOOR_RISE: f32 = 1.011_579;
+/// The canceller's linear output this coherent with the far end (`aec::FrameLevels::coherence`) is
+/// mostly echo, whatever its level: the echo through a room keeps about 0.7, the user's voice over
+/// it brings it to 0.2-0.4 (the chance peak of 60 ms at 2 kHz over 150 ms of delays is about 0.35).
+/// 0.5: at least half of what the filter left is the device's own voice.
+#[cfg(feature = "aec")]
+const ECHO_COHERENT: f32 = 0.5;
 /// What the barge-in gate makes of one frame.
 #[cfg(feature = "aec")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +205,8 @@ impl Uplink {
             mono: vec![0.0; MAX_BLOCK_FRAMES],
             resampler,
             pcm: vec![0; max_out],
-            vad: VadStage::new(engine, s.vad.start_ms, s.vad.hangover_ms),
+            vad: VadStage::new(engine, s.vad.start_ms, s.vad.hangover_ms)
+                .with_barge_in_start(s.vad.barge_in_start_ms),
             preroll: PcmRing::new(ring as usize),
             preroll_samples,
             encoder,
@@ -347,6 +354,9 @@ impl Uplink {
             let raw = self.stage;
             let levels = aec.capture(&mut self.stage);
             self.vad_frame = self.stage;
+            // While the device plays, the gate decides what is the user: the VAD's shorter
+            // barge-in debounce applies (`vad.barge_in_start_ms`).
+            self.vad.set_playing(levels.far >= super::aec::FAR_ACTIVE);
             match self.gate(levels) {
                 Gate::Pass => {}
                 Gate::PassLinear => {
@@ -421,8 +431,9 @@ impl Uplink {
         for (b, expected) in expected_band.iter_mut().enumerate() {
             let x = l.linear_bands[b];
             let floor = &mut self.band_floor[b];
+            // Never down to 0: a frame of zeros (a muted mic) would pin it there.
             *floor = if x < *floor {
-                x
+                x.max(SILENT_FRAME)
             } else {
                 *floor * BAND_FLOOR_RISE
             };
@@ -437,6 +448,20 @@ impl Uplink {
         // speaker far away) suppresses the near end too; the raw frame is then the one to keep.
         let raw =
             !cancelled_passes && !linear && l.mic > mic_echo * NEAR_CERTAIN && l.mic > NEAR_FLOOR;
+        // And never when what the filter left still sounds like the far end: the echo path has
+        // changed (a delay jump after a clock slip), AEC3's filter no longer matches and lets the
+        // echo through at full level, which every level test above takes for the user.
+        // Computed only for a frame that would pass (most of the device's voice is blocked above).
+        let coherence = match &mut self.aec {
+            Some(aec) if cancelled_passes || linear || raw => aec.coherence(),
+            _ => 0.0,
+        };
+        let echo_left = coherence >= ECHO_COHERENT;
+        let (cancelled_passes, linear, raw) = if echo_left {
+            (false, false, false)
+        } else {
+            (cancelled_passes, linear, raw)
+        };
         let passes = cancelled_passes || linear || raw;
         tracing::trace!(
             at_ms = self.pos / 16,
@@ -448,6 +473,7 @@ impl Uplink {
             high_db = super::aec::db(l.linear_bands[0]),
             expected_high_db = super::aec::db(expected_band[0]),
             far_db = super::aec::db(l.far),
+            coherence,
             passes,
             "gate frame"
         );
@@ -458,6 +484,8 @@ impl Uplink {
                 open = passes,
                 raw,
                 linear,
+                echo_left,
+                coherence,
                 out_db = super::aec::db(l.out),
                 expected_echo_db = super::aec::db(expected),
                 high_db = super::aec::db(l.linear_bands[0]),

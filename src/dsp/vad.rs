@@ -112,10 +112,15 @@ pub enum VadEvent {
 }
 
 /// Debounces frame decisions: speech must last `start` samples to start and silence `hangover` samples
-/// to end; the reported positions are where the speech really started and ended.
+/// to end; the reported positions are where the speech really started and ended. While the device
+/// plays (`set_playing`), speech starts after `barge_in_start` instead: the barge-in gate has already
+/// told the user from the echo, and every millisecond here is a millisecond the device talks over
+/// the user.
 #[derive(Debug, Clone)]
 pub struct Hysteresis {
     start: u64,
+    barge_in_start: u64,
+    playing: bool,
     hangover: u64,
     speaking: bool,
     run_start: Option<u64>,
@@ -126,6 +131,8 @@ impl Hysteresis {
     pub fn new(start_ms: u32, hangover_ms: u32) -> Self {
         Hysteresis {
             start: ms_to_samples(start_ms),
+            barge_in_start: ms_to_samples(start_ms),
+            playing: false,
             hangover: ms_to_samples(hangover_ms),
             speaking: false,
             run_start: None,
@@ -135,6 +142,17 @@ impl Hysteresis {
 
     pub fn is_speaking(&self) -> bool {
         self.speaking
+    }
+
+    /// Speech needed to start while the device plays (at most `start_ms`).
+    pub fn with_barge_in_start(mut self, ms: u32) -> Self {
+        self.barge_in_start = ms_to_samples(ms).min(self.start);
+        self
+    }
+
+    /// Whether the device is playing now (the far end of the echo canceller is active).
+    pub fn set_playing(&mut self, playing: bool) {
+        self.playing = playing;
     }
 
     /// One frame's decision.
@@ -158,7 +176,12 @@ impl Hysteresis {
         }
         let start = *self.run_start.get_or_insert(frame_start);
         self.last_voiced_end = frame_end;
-        if frame_end - start >= self.start.max(1) {
+        let needed = if self.playing {
+            self.barge_in_start
+        } else {
+            self.start
+        };
+        if frame_end - start >= needed.max(1) {
             self.speaking = true;
             return Some(VadEvent::SpeechStart { at: start });
         }
@@ -364,6 +387,17 @@ impl VadStage {
         self.hysteresis.is_speaking()
     }
 
+    /// See [`Hysteresis::with_barge_in_start`].
+    pub fn with_barge_in_start(mut self, ms: u32) -> Self {
+        self.hysteresis = self.hysteresis.with_barge_in_start(ms);
+        self
+    }
+
+    /// See [`Hysteresis::set_playing`].
+    pub fn set_playing(&mut self, playing: bool) {
+        self.hysteresis.set_playing(playing);
+    }
+
     /// Classify `samples`; `emit` gets each start/end as it is decided. Edges are placed on 10 ms
     /// energy blocks: the start on the first loud block of the first voiced frame, the end after the
     /// last loud block of the speech (before the engine's own hangover).
@@ -487,6 +521,23 @@ mod tests {
             Some(VadEvent::SpeechEnd { at: 10 * f })
         );
         assert!(!h.is_speaking());
+    }
+
+    #[test]
+    fn while_playing_speech_starts_after_the_barge_in_debounce() {
+        let f = 480u64; // 30 ms
+        let mut h = Hysteresis::new(60, 150).with_barge_in_start(30);
+        h.set_playing(true);
+        assert_eq!(h.update(0, f, false), None);
+        assert_eq!(h.update(f, f, true), Some(VadEvent::SpeechStart { at: f }));
+        // Not playing: the full start debounce again.
+        let mut h = Hysteresis::new(60, 150).with_barge_in_start(30);
+        assert_eq!(h.update(0, f, true), None);
+        assert_eq!(h.update(f, f, true), Some(VadEvent::SpeechStart { at: 0 }));
+        // It never exceeds start_ms.
+        let mut h = Hysteresis::new(30, 150).with_barge_in_start(500);
+        h.set_playing(true);
+        assert_eq!(h.update(0, f, true), Some(VadEvent::SpeechStart { at: 0 }));
     }
 
     #[test]
