@@ -230,7 +230,7 @@ pub struct VadConfig {
     /// Continuous speech needed before speech start is reported.
     pub start_ms: u32,
     /// The same while the device is playing, with echo cancellation (a barge-in): the gate has
-    /// already told the user from the echo. At most `start_ms`.
+    /// already told the user from the echo. Above `start_ms` it is taken as `start_ms`.
     pub barge_in_start_ms: u32,
     /// Continuous non-speech needed before speech end is reported.
     pub hangover_ms: u32,
@@ -270,9 +270,10 @@ pub struct TurnConfig {
     pub barge_in: BargeIn,
     /// Speech over the agent must last this long (from its onset) to interrupt it. Unset: 0 with
     /// echo cancellation, 400 without. A candidate is only dropped when its speech has ended first,
-    /// and the VAD reports an end `vad.hangover_ms` after the last speech, `vad.start_ms` after it
-    /// reported the start: any value up to about `vad.start_ms + vad.hangover_ms` (210 ms by
-    /// default) drops nothing and only delays the flush. With echo cancellation the gate has already
+    /// and the VAD reports an end `vad.hangover_ms` after the last speech, its start debounce after
+    /// it reported the start (`vad.barge_in_start_ms` with echo cancellation, else `vad.start_ms`):
+    /// any value up to about debounce + `vad.hangover_ms` (180 / 210 ms by default) drops nothing and
+    /// only delays the flush. With echo cancellation the gate has already
     /// told the user from the echo, so the VAD's own debounce is the minimum.
     pub barge_in_min_ms: Option<u32>,
     /// Audio kept from before the detected speech start, so the first syllable is never lost.
@@ -769,12 +770,8 @@ impl Config {
         }
         unit("vad.threshold", c.vad.threshold)?;
         range("vad.start_ms", c.vad.start_ms, 0, 1_000)?;
-        range(
-            "vad.barge_in_start_ms",
-            c.vad.barge_in_start_ms,
-            0,
-            c.vad.start_ms,
-        )?;
+        // Above vad.start_ms it is taken as vad.start_ms (`vad.start_ms = 20` alone must stay valid).
+        range("vad.barge_in_start_ms", c.vad.barge_in_start_ms, 0, 1_000)?;
         range("vad.hangover_ms", c.vad.hangover_ms, 0, 2_000)?;
 
         range("turn.end_silence_ms", c.turn.end_silence_ms, 100, 10_000)?;
@@ -1329,6 +1326,13 @@ mod tests {
     }
 
     #[test]
+    fn a_short_start_alone_is_valid() {
+        // vad.barge_in_start_ms (default 30) is capped by vad.start_ms, not checked against it.
+        let c = Config::from_toml_str("[vad]\nstart_ms = 20", "test", &[]).expect("valid");
+        assert_eq!(c.vad.start_ms, 20);
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases = [
             ("[turn]\nend_silence_ms = 50", "turn.end_silence_ms"),
@@ -1340,7 +1344,7 @@ mod tests {
             ("[vad]\nengine = \"silero\"", "vad.engine"),
             ("[vad]\nthreshold = 1.5", "vad.threshold"),
             ("[vad]\nhangover_ms = 800", "vad.hangover_ms"),
-            ("[vad]\nbarge_in_start_ms = 90", "vad.barge_in_start_ms"),
+            ("[vad]\nbarge_in_start_ms = 1500", "vad.barge_in_start_ms"),
             ("[audio]\ninput_channel = \"left\"", "audio.input_channel"),
             ("[audio]\ninput_channel = -1", "audio.input_channel"),
             ("[audio]\ninput_rate_hz = 300", "audio.input_rate_hz"),

@@ -747,7 +747,7 @@ impl Service {
             Downlink::ResponseStarted { id } => {
                 self.report.agent_runs += 1;
                 self.emit(EventKind::AgentResponse { id });
-                self.feed(Input::AgentStarted).await;
+                self.feed(Input::AgentResponse).await;
             }
             Downlink::TextDelta { message_id, text } => {
                 self.texts.entry(message_id).or_default().push_str(&text);

@@ -7,8 +7,10 @@
 //!
 //! Gating: speech that starts while something is playing, or within `post_playback_mute_ms` after it
 //! stopped, is a *candidate*: it must last `barge_in_min_ms` to count (dropped only by a `SpeechEnd`
-//! before then, which the VAD sends a hangover after the speech: below about start + hangover the
-//! minimum only delays the flush, hence 0 with echo cancellation). If it does, playback is flushed
+//! before then, which the VAD sends a hangover after the speech: below about the VAD's start
+//! debounce (`vad.barge_in_start_ms` while the device plays) + hangover the minimum only delays the
+//! flush, hence 0 with echo cancellation). An answer nobody waited for (`AgentResponse` in Idle: a
+//! late one, or the agent's own) holds the floor like any other. If it does, playback is flushed
 //! (and, over the agent, an Interrupt is emitted) and the candidate's frames, pre-roll included, open the
 //! user's next turn, so no word is lost. If it does not, it was a blip (or the speaker's own echo) and is
 //! dropped.
@@ -56,6 +58,10 @@ pub enum Input {
     PlaybackIdle,
     /// The agent began its answer (run started, first text or audio).
     AgentStarted,
+    /// The agent started a new response (a run), asked for or not: a late answer after the response
+    /// timeout, or one of its own (a reminder). Also in Idle it holds the floor, so speaking over it
+    /// is a barge-in and the agent is told to stop.
+    AgentResponse,
     /// The agent's answer is complete on the wire (playback may still be running).
     AgentFinished,
     /// The agent reported an error for this turn.
@@ -267,6 +273,17 @@ impl TurnMachine {
                 if self.state == State::AwaitingAgent {
                     self.agent_done = false;
                     self.set_state(State::AgentSpeaking, &mut out);
+                }
+            }
+            Input::AgentResponse => {
+                if matches!(self.state, State::AwaitingAgent | State::Idle) {
+                    self.agent_done = false;
+                    self.set_state(State::AgentSpeaking, &mut out);
+                    // Speech already under way (a candidate over an earcon's tail, say) is now
+                    // speech over the agent.
+                    if let Some(c) = &mut self.candidate {
+                        c.over_agent = true;
+                    }
                 }
             }
             Input::AgentFinished => match self.state {
@@ -497,5 +514,151 @@ fn discard_reason(over_agent: bool) -> DiscardReason {
         DiscardReason::TooShortForBargeIn
     } else {
         DiscardReason::TooShortAfterPlayback
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> TurnSettings {
+        TurnSettings {
+            end_silence_ms: 700,
+            max_utterance_ms: 15_000,
+            response_timeout_ms: 10_000,
+            barge_in: true,
+            barge_in_min_ms: 0,
+            post_playback_mute_ms: 250,
+            agent: true,
+            done_earcon: false,
+        }
+    }
+
+    fn connected() -> TurnMachine {
+        let mut tm = TurnMachine::new(settings());
+        tm.handle(0, Input::Connected);
+        assert_eq!(tm.state(), State::Idle);
+        tm
+    }
+
+    /// A whole user turn from `at`: speech for 500 ms, then the end silence.
+    fn user_turn(tm: &mut TurnMachine, at: Ms) -> Actions {
+        let mut out = tm.handle(at, Input::SpeechStart { at });
+        out.extend(tm.handle(at + 500, Input::SpeechEnd { at: at + 500 }));
+        out.extend(tm.handle(at + 1_200, Input::Tick));
+        out
+    }
+
+    fn barged_in(out: &Actions) -> bool {
+        out.contains(&Action::FlushPlayback)
+            && out.contains(&Action::Interrupt)
+            && out.iter().any(|a| matches!(a, Action::BargeIn { .. }))
+    }
+
+    #[test]
+    fn a_turn_ends_after_the_end_silence_and_waits_for_the_agent() {
+        let mut tm = connected();
+        let out = user_turn(&mut tm, 1_000);
+        assert!(out.contains(&Action::TurnStarted { at: 1_000 }), "{out:?}");
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::TurnEnded {
+                    at: 1_500,
+                    reason: EndReason::Silence,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        assert_eq!(tm.state(), State::AwaitingAgent);
+    }
+
+    #[test]
+    fn speech_over_the_answer_is_a_barge_in() {
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        tm.handle(2_300, Input::AgentResponse);
+        tm.handle(2_300, Input::PlaybackStarted);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        let out = tm.handle(3_000, Input::SpeechStart { at: 2_970 });
+        assert!(barged_in(&out), "{out:?}");
+        assert_eq!(tm.state(), State::UserSpeaking);
+    }
+
+    #[test]
+    fn an_answer_nobody_waited_for_can_be_barged_in_too() {
+        // The agent answers after the response timeout (or speaks on its own): the machine is Idle.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        let out = tm.handle(12_500, Input::Tick);
+        assert!(out.contains(&Action::ResponseTimeout), "{out:?}");
+        assert_eq!(tm.state(), State::Idle);
+        tm.handle(13_000, Input::AgentResponse);
+        tm.handle(13_000, Input::AgentStarted);
+        tm.handle(13_000, Input::PlaybackStarted);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        let out = tm.handle(14_000, Input::SpeechStart { at: 13_970 });
+        assert!(barged_in(&out), "{out:?}");
+        // Without the run start (audio or text alone), Idle stays Idle: a straggler of a finished
+        // answer does not take the floor.
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentStarted);
+        assert_eq!(tm.state(), State::Idle);
+    }
+
+    #[test]
+    fn the_answer_over_ends_in_idle_once_played() {
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(1_000, Input::PlaybackStarted);
+        tm.handle(2_000, Input::AgentFinished);
+        assert_eq!(tm.state(), State::AgentSpeaking, "still playing");
+        tm.handle(3_000, Input::PlaybackIdle);
+        assert_eq!(tm.state(), State::Idle);
+    }
+
+    #[test]
+    fn a_blip_over_the_agent_is_dropped_when_a_minimum_is_set() {
+        let mut tm = TurnMachine::new(TurnSettings {
+            barge_in_min_ms: 400,
+            ..settings()
+        });
+        tm.handle(0, Input::Connected);
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(1_000, Input::PlaybackStarted);
+        tm.handle(2_000, Input::SpeechStart { at: 1_950 });
+        let out = tm.handle(2_200, Input::SpeechEnd { at: 2_100 });
+        assert!(
+            out.contains(&Action::Discarded {
+                onset: 1_950,
+                reason: DiscardReason::TooShortForBargeIn
+            }),
+            "{out:?}"
+        );
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        // Long enough: a barge-in once the minimum has passed.
+        tm.handle(3_000, Input::SpeechStart { at: 2_950 });
+        let out = tm.handle(3_350, Input::Tick);
+        assert!(barged_in(&out), "{out:?}");
+    }
+
+    #[test]
+    fn with_barge_in_off_speech_over_the_agent_is_ignored() {
+        let mut tm = TurnMachine::new(TurnSettings {
+            barge_in: false,
+            ..settings()
+        });
+        tm.handle(0, Input::Connected);
+        tm.handle(1_000, Input::AgentResponse);
+        let out = tm.handle(2_000, Input::SpeechStart { at: 1_950 });
+        assert!(
+            out.contains(&Action::Discarded {
+                onset: 1_950,
+                reason: DiscardReason::BargeInOff
+            }),
+            "{out:?}"
+        );
+        assert_eq!(tm.state(), State::AgentSpeaking);
     }
 }

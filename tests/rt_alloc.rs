@@ -204,3 +204,89 @@ fn playback_path_does_not_allocate() {
     assert!(s.flushed_samples > 0, "{s:?}");
     assert!(far_seen > 0 && s.far_dropped > 0, "{far_seen} {s:?}");
 }
+
+/// Not a callback, but the DSP worker's 10 ms step (resampler, VAD, pre-roll, encoder) must not
+/// allocate either: it runs every 10 ms for as long as the device is on. With echo cancellation,
+/// `sonora`'s AEC3 block processor allocates inside (about 11 times per 4 ms block, all freed
+/// within the step): the step then must not leak, and everything around AEC3 is the same code as
+/// without it, except the barge-in gate, whose buffers are sized in `Uplink::new`.
+#[test]
+fn uplink_step_does_not_allocate() {
+    use hearken::audio::earcon::decode_wav;
+    use hearken::config::Config;
+    use hearken::dsp::uplink::{Uplink, UplinkEvent, UplinkSettings};
+    use hearken::dsp::vad;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("audio/echo");
+    let read = |f: &str| {
+        let bytes = std::fs::read(dir.join(f)).expect("mix");
+        decode_wav(std::io::Cursor::new(bytes), f).expect("wav")
+    };
+    // The user talks over the device (at 2.2 s) in this committed mix.
+    let (far, mic) = (read("barge_20ms_far.wav"), read("barge_20ms_mic.wav"));
+    assert_eq!((far.rate_hz, mic.rate_hz), (16_000, 16_000));
+    let config = Config::from_toml_str("", "test", &[]).expect("config");
+    let uplink = |aec: bool| {
+        Uplink::new(
+            &UplinkSettings {
+                input: hearken::audio::StreamFormat {
+                    rate_hz: 16_000,
+                    channels: 1,
+                },
+                channel: config.audio.input_channel,
+                vad: config.vad.clone(),
+                opus: config.opus.clone(),
+                preroll_ms: config.turn.preroll_ms,
+                max_stream_ms: 60_000,
+                aec: aec.then(|| config.aec.clone()),
+            },
+            vad::engine(&config.vad),
+        )
+        .expect("uplink")
+    };
+    let run = |up: &mut Uplink, counted: bool| {
+        let (mut starts, mut frames) = (0u32, 0u32);
+        let mut on_event = |e: UplinkEvent<'_>| match e {
+            UplinkEvent::SpeechStart { .. } => starts += 1,
+            UplinkEvent::Frame { .. } => frames += 1,
+            _ => {}
+        };
+        let n = far.samples.len().min(mic.samples.len()) / 160;
+        let mut allocs = NOTHING;
+        for b in 0..n {
+            let (f, m) = (
+                &far.samples[b * 160..(b + 1) * 160],
+                &mic.samples[b * 160..(b + 1) * 160],
+            );
+            // The first second is the start-up; from then on every step is counted.
+            let c = count_allocs(|| {
+                up.render(f);
+                up.process(m, &mut on_event);
+            });
+            if counted && b >= 100 {
+                allocs.allocs += c.allocs;
+                allocs.frees += c.frees;
+            }
+        }
+        (starts, frames, allocs)
+    };
+    let modes: &[bool] = if cfg!(feature = "aec") {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &aec in modes {
+        // Once through, so that lazily built state (logging call sites among it) exists.
+        run(&mut uplink(aec), false);
+        let mut up = uplink(aec);
+        assert_eq!(up.aec_active(), aec);
+        let (starts, frames, allocs) = run(&mut up, true);
+        // Speech was heard (with AEC: the gate opened and checked the correlation), frames encoded.
+        assert!(starts >= 1 && frames > 10, "aec {aec}: {starts} {frames}");
+        if aec {
+            assert!(allocs.allocs.abs_diff(allocs.frees) <= 1, "{allocs:?}");
+        } else {
+            assert_eq!(allocs, NOTHING);
+        }
+    }
+}

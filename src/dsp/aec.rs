@@ -26,8 +26,10 @@ pub const FAR_ACTIVE: f32 = 1e-6;
 /// through untouched (the canceller still runs, to keep its state), so the user's words are not
 /// filtered or suppressed for nothing. Not with noise suppression on, which is wanted all the time.
 const BYPASS_AFTER_FRAMES: u32 = 50;
-/// Speaker-to-mic delays the coherence looks at, at least (`aec.delay_ms_hint` + 50 ms if more).
-const COHERENCE_MAX_LAG_MS: usize = 150;
+/// Delays between the far end as fed and its echo in the mic the coherence looks at, at least
+/// (`aec.delay_ms_hint` + 100 ms if more): the room, plus the output and input buffering (the far end
+/// is tapped when it is handed to the sound card, before it is heard).
+const COHERENCE_MAX_LAG_MS: usize = 300;
 /// Render frames that may be ahead of the capture frames (half a second).
 const MAX_RENDER_CREDIT: i64 = 50;
 
@@ -273,8 +275,8 @@ const COH_MIN_ENERGY: f32 = 1e-6;
 /// Does the mic sound like what the speaker played, whatever the canceller makes of it? The
 /// largest normalised correlation, over every speaker-to-mic delay up to `max_lag`, between the
 /// last 60 ms of the mic and of the far end, both low-passed at 800 Hz and taken at 2 kHz (where a
-/// voice, and its echo through a small speaker, have most of their energy; the cost is about 4 M
-/// multiply-adds per audio second for 150 ms of delays).
+/// voice, and its echo through a small speaker, have most of their energy). Either sign counts. The
+/// cost, 72 k multiply-adds a frame for 300 ms of delays, is only paid for frames the gate would pass.
 ///
 /// The echo alone keeps it high (0.7 typical: the room's reverb and noise take the rest), when the
 /// user speaks over it it falls (another voice does not correlate with the far end). What it is for:
@@ -289,7 +291,7 @@ struct EchoCoherence {
     /// The mic at 2 kHz, oldest first.
     mic: [f32; COH_WINDOW],
     /// Running sums of the far end's squares (`prefix[i]` = sum of `far[..i]`), per frame.
-    prefix: Box<[f32]>,
+    prefix: Box<[f64]>,
     max_lag: usize,
 }
 
@@ -336,27 +338,28 @@ impl EchoCoherence {
         if em < COH_MIN_ENERGY * COH_WINDOW as f32 {
             return 0.0;
         }
-        let mut acc = 0.0;
+        // f64: a loud far end followed by a quiet stretch must not lose the quiet part's energy.
+        let mut acc = 0.0f64;
         self.prefix[0] = 0.0;
         for (i, s) in self.far.iter().enumerate() {
-            acc += s * s;
+            acc += f64::from(*s) * f64::from(*s);
             self.prefix[i + 1] = acc;
         }
         let n = self.far.len();
-        let mut best = 0.0f32;
+        let em = f64::from(em);
+        let mut best = 0.0f64;
         for lag in 0..=self.max_lag {
             // The far end `lag` samples before the mic window.
             let (from, to) = (n - COH_WINDOW - lag, n - lag);
             let ef = self.prefix[to] - self.prefix[from];
-            if ef < COH_MIN_ENERGY * 1e-2 * COH_WINDOW as f32 {
+            if ef < f64::from(COH_MIN_ENERGY) * 1e-2 * COH_WINDOW as f64 {
                 continue;
             }
-            let c = dot(&self.mic, &self.far[from..to]);
-            if c > 0.0 {
-                best = best.max(c * c / (em * ef));
-            }
+            // Either sign: a speaker wired the other way round gives the echo inverted.
+            let c = f64::from(dot(&self.mic, &self.far[from..to]));
+            best = best.max(c * c / (em * ef));
         }
-        best.sqrt().min(1.0)
+        best.sqrt().min(1.0) as f32
     }
 }
 

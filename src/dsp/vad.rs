@@ -363,6 +363,10 @@ pub struct VadStage {
     hysteresis: Hysteresis,
     energy: EnergyTrack,
     speech_from: u64,
+    /// Samples of the frame being filled that the barge-in gate let through (see `set_gate`).
+    gate_passed: usize,
+    /// Whether the samples being pushed passed the gate.
+    gate_open: bool,
 }
 
 impl VadStage {
@@ -376,6 +380,8 @@ impl VadStage {
             hysteresis: Hysteresis::new(start_ms, hangover_ms),
             energy: EnergyTrack::new(),
             speech_from: 0,
+            gate_passed: 0,
+            gate_open: true,
         }
     }
 
@@ -398,6 +404,14 @@ impl VadStage {
         self.hysteresis.set_playing(playing);
     }
 
+    /// Whether the barge-in gate let the samples pushed next through (silence where it did not).
+    /// While the device plays, a frame only counts as speech if the gate let at least two thirds of
+    /// it through: with the short barge-in debounce one frame starts speech, and a single 10 ms
+    /// slip of the echo (the first frame after a delay jump) must not.
+    pub fn set_gate(&mut self, open: bool) {
+        self.gate_open = open;
+    }
+
     /// Classify `samples`; `emit` gets each start/end as it is decided. Edges are placed on 10 ms
     /// energy blocks: the start on the first loud block of the first voiced frame, the end after the
     /// last loud block of the speech (before the engine's own hangover).
@@ -407,12 +421,18 @@ impl VadStage {
             let take = (n - self.fill).min(samples.len());
             self.frame[self.fill..self.fill + take].copy_from_slice(&samples[..take]);
             self.energy.push(&samples[..take]);
+            if self.gate_open {
+                self.gate_passed += take;
+            }
             self.fill += take;
             samples = &samples[take..];
             if self.fill == n {
                 let start = self.pos;
                 let end = start + n as u64;
-                let voiced = self.engine.is_speech(&self.frame)
+                let gated_out = self.hysteresis.playing && self.gate_passed * 3 < n * 2;
+                self.gate_passed = 0;
+                let voiced = !gated_out
+                    && self.engine.is_speech(&self.frame)
                     && self.energy.any_loud(start, end.min(self.energy.end));
                 match self.hysteresis.update(start, n as u64, voiced) {
                     Some(VadEvent::SpeechStart { at }) => {
@@ -538,6 +558,55 @@ mod tests {
         let mut h = Hysteresis::new(30, 150).with_barge_in_start(500);
         h.set_playing(true);
         assert_eq!(h.update(0, f, true), Some(VadEvent::SpeechStart { at: 0 }));
+    }
+
+    /// Speech-like test frames for the VAD stage: a loud 200 Hz tone.
+    fn tone(n: usize) -> Vec<i16> {
+        (0..n)
+            .map(|i| {
+                ((i as f32 * 2.0 * std::f32::consts::PI * 200.0 / 16_000.0).sin() * 8000.0) as i16
+            })
+            .collect()
+    }
+
+    #[test]
+    fn while_playing_a_frame_the_gate_mostly_held_back_is_not_speech() {
+        struct Always;
+        impl VadEngine for Always {
+            fn name(&self) -> &'static str {
+                "always"
+            }
+            fn frame_samples(&self) -> usize {
+                480
+            }
+            fn is_speech(&mut self, _: &[i16]) -> bool {
+                true
+            }
+            fn reset(&mut self) {}
+        }
+        let run = |passed: [bool; 3]| {
+            let mut v = VadStage::new(Box::new(Always), 60, 150).with_barge_in_start(30);
+            v.set_playing(true);
+            let mut started = false;
+            let t = tone(160);
+            // Quiet first (the energy gate's noise floor), then one 30 ms frame, on the VAD's grid.
+            v.set_gate(true);
+            for _ in 0..48 {
+                v.push(&[0; 160], |_| {});
+            }
+            for p in passed {
+                v.set_gate(p);
+                let frame: &[i16] = if p { &t } else { &[0; 160] };
+                v.push(frame, |e| {
+                    started |= matches!(e, VadEvent::SpeechStart { .. })
+                });
+            }
+            started
+        };
+        assert!(run([true, true, true]));
+        assert!(run([false, true, true]));
+        // One 10 ms slip of the echo through the gate: not a barge-in.
+        assert!(!run([false, true, false]));
     }
 
     #[test]
