@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build a held-out echo-cancellation set: the same kind of far-end / mic pairs as make.sh, but with
 # other voices, sentences, speeds, rooms (reverb, level, delay 10-80 ms), speaker bands (the cheap
-# 250 Hz - 3.8 kHz one and a full-band one) and users. None of it is used to tune hearken: it is
-# the check that what works on the committed set is not fitted to it. Not committed (it is made in
-# a few seconds); `hearken bench barge-in --set OUT` runs it.
+# 250 Hz - 3.8 kHz one and a full-band one) and users: the check that what works on the committed
+# set is not fitted to it (the README has the figures; set b was never used for a choice). Not
+# committed (it is made in a few seconds); `hearken bench barge-in --set OUT` runs it.
 #
 # Requires espeak-ng (1.51 used) and sox (14.4.2 used). Usage: audio/echo/make-heldout.sh OUT_DIR [a|b]
 # Variants a (h_*) and b (f_*) have the same rooms and different sentences, voices and users.
@@ -15,60 +15,23 @@ mkdir -p "$OUT"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-SOX=(sox -R -D)
-FMT=(-r 16000 -c 1 -b 16 -e signed-integer)
 LEN=6.0
-
-# speak VOICE SPEED TEXT OUT.wav
-speak() {
-  espeak-ng -v "$1" -s "$2" -w "$TMP/raw.wav" "$3"
-  "${SOX[@]}" "$TMP/raw.wav" "${FMT[@]}" "$4" rate -v 16k \
-    silence 1 0.01 0.5% reverse silence 1 0.01 0.5% reverse gain -n -3
-}
-
-place() {
-  "${SOX[@]}" "$1" "${FMT[@]}" "$3" pad "$2" "$LEN" trim 0 "$LEN"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 entries=()
 
 # mix NAME VOICE SPEED DELAY_MS GAIN_DB LOWPASS REVERB NOISE SENTENCE [ONSET_MS UVOICE UGAIN UTEXT]
 mix() {
-  local name="$1" voice="$2" speed="$3" delay="$4" gain="$5" lp="$6" rev="$7" noise="$8" sentence="$9"
-  local onset="${10:-}" uvoice="${11:-}" ugain="${12:-0}" utext="${13:-}"
-  speak "$voice" "$speed" "$sentence" "$TMP/agent.wav"
-  place "$TMP/agent.wav" 0.2 "$OUT/${name}_far.wav"
-  "${SOX[@]}" "$OUT/${name}_far.wav" "${FMT[@]}" "$TMP/echo.wav" \
-    highpass 200 lowpass "$lp" reverb "$rev" 50 20 gain "$gain" pad "$(printf '0.%03d' "$delay")" 0 trim 0 "$LEN"
-  "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$TMP/noise.wav" synth "$LEN" whitenoise vol "$noise"
-  if [ -n "$onset" ]; then
-    speak "$uvoice" 170 "$utext" "$TMP/user.wav"
-    "${SOX[@]}" "$TMP/user.wav" "${FMT[@]}" "$TMP/user_g.wav" gain "$ugain"
-    place "$TMP/user_g.wav" "$(printf '%d.%03d' $((onset / 1000)) $((onset % 1000)))" "$TMP/user_p.wav"
-    "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/user_p.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
-    entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": $onset, \"delay_ms\": $delay}")
-  else
-    "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
-    entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": null, \"delay_ms\": $delay}")
-  fi
+  local user=()
+  [ -n "${10:-}" ] && user=("${10}" "${11}" 170 "${12}" "${13}")
+  mix_room "$OUT" "$1" "$2" "$3" "$4" "$5" 200 "$6" "$7" "$8" "$9" "${user[@]}"
+  entries+=("$ENTRY")
 }
 
-# jump NAME VOICE DELAY1_MS DELAY2_MS SPLIT_S SENTENCE: an echo-only mix whose echo delay jumps from
-# DELAY1 to DELAY2 at SPLIT_S (a clock slip of the sound card), full band.
+# jump NAME VOICE DELAY1_MS DELAY2_MS SPLIT_S SENTENCE: the echo delay jumps (see jump_room).
 jump() {
-  local name="$1" voice="$2" d1="$3" d2="$4" split="$5" sentence="$6"
-  speak "$voice" 165 "$sentence" "$TMP/agent.wav"
-  place "$TMP/agent.wav" 0.2 "$OUT/${name}_far.wav"
-  for d in "$d1" "$d2"; do
-    "${SOX[@]}" "$OUT/${name}_far.wav" "${FMT[@]}" "$TMP/e$d.wav" \
-      highpass 200 lowpass 7600 reverb 40 50 20 gain -4 pad "$(printf '0.%03d' "$d")" 0 trim 0 "$LEN"
-  done
-  "${SOX[@]}" "$TMP/e$d1.wav" "$TMP/a.wav" trim 0 "$split"
-  "${SOX[@]}" "$TMP/e$d2.wav" "$TMP/b.wav" trim "$split"
-  "${SOX[@]}" "$TMP/a.wav" "$TMP/b.wav" "$TMP/echo.wav"
-  "${SOX[@]}" "${FMT[@]}" -n "${FMT[@]}" "$TMP/noise.wav" synth "$LEN" whitenoise vol 0.004
-  "${SOX[@]}" -m -v 1 "$TMP/echo.wav" -v 1 "$TMP/noise.wav" "${FMT[@]}" "$OUT/${name}_mic.wav"
-  entries+=("{\"name\": \"$name\", \"far\": \"${name}_far.wav\", \"mic\": \"${name}_mic.wav\", \"onset_ms\": null, \"delay_ms\": $d1}")
+  jump_room "$OUT" "$1" "$2" "$3" "$4" "$5" 200 40 0.004 "$6"
+  entries+=("$ENTRY")
 }
 
 case "$VARIANT" in
@@ -127,15 +90,5 @@ mix f_barge_f  en-029         155 80 -3  3800 30 0.006 "$S6" 2900 en-029       -
 *) echo "variant must be a or b, got $VARIANT" >&2; exit 2 ;;
 esac
 
-{
-  echo "{"
-  echo "  \"about\": \"held-out set made by make-heldout.sh: other voices, sentences, rooms and users than make.sh's\","
-  echo "  \"mixes\": ["
-  for i in "${!entries[@]}"; do
-    sep=","; [ "$i" -eq $(( ${#entries[@]} - 1 )) ] && sep=""
-    echo "    ${entries[$i]}$sep"
-  done
-  echo "  ]"
-  echo "}"
-} >"$OUT/manifest.json"
+manifest "$OUT/manifest.json" "held-out set made by make-heldout.sh: other voices, sentences, rooms and users than make.sh's" "${entries[@]}"
 echo "wrote ${#entries[@]} mixes and manifest.json to $OUT"
