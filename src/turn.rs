@@ -276,7 +276,11 @@ impl TurnMachine {
                 }
             }
             Input::AgentResponse => {
-                if matches!(self.state, State::AwaitingAgent | State::Idle) {
+                if self.state == State::AgentSpeaking {
+                    // Another run while the last one still plays: the floor stays the agent's
+                    // until this one has finished too.
+                    self.agent_done = false;
+                } else if matches!(self.state, State::AwaitingAgent | State::Idle) {
                     self.agent_done = false;
                     self.set_state(State::AgentSpeaking, &mut out);
                     // Speech already under way (a candidate over an earcon's tail, say) is now
@@ -616,6 +620,23 @@ mod tests {
         assert_eq!(tm.state(), State::AgentSpeaking, "still playing");
         tm.handle(3_000, Input::PlaybackIdle);
         assert_eq!(tm.state(), State::Idle);
+    }
+
+    #[test]
+    fn a_second_run_while_the_first_still_plays_keeps_the_floor() {
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(1_000, Input::PlaybackStarted);
+        tm.handle(1_500, Input::AgentFinished);
+        tm.handle(2_000, Input::AgentResponse); // the agent goes on with another run
+        tm.handle(3_000, Input::PlaybackIdle); // a gap between the two runs' audio
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        let out = tm.handle(3_200, Input::SpeechStart { at: 3_150 });
+        assert!(barged_in(&out), "{out:?}");
+        // Ignored while the user has the floor.
+        let out = tm.handle(3_300, Input::AgentResponse);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(tm.state(), State::UserSpeaking);
     }
 
     #[test]

@@ -842,6 +842,9 @@ fn interrupt_cancels_the_open_run_and_drops_its_late_frames() {
 #[test]
 fn interrupt_before_the_run_starts_cancels_the_next_run() {
     let mut r = Rig::ready(HaipSettings::default(), true, None);
+    // The user's turn went; its answer has not started when the user speaks again.
+    r.enc(Uplink::TurnStart);
+    r.enc(Uplink::TurnEnd { duration_ms: 900 });
     assert!(r.enc(Uplink::Interrupt).is_empty());
     let run = Uuid::new_v4().to_string();
     let f = r
@@ -867,6 +870,30 @@ fn interrupt_before_the_run_starts_cancels_the_next_run() {
     let d = r.agent_sends("AGENT", "RUN_STARTED", json!({ "run_id": next }));
     assert_eq!(d.events, vec![Downlink::ResponseStarted { id: next }]);
     assert!(d.replies.is_empty());
+}
+
+#[test]
+fn interrupt_after_the_answer_finished_cancels_nothing() {
+    // The agent sent its whole answer faster than it plays; the user barges in over the rest of
+    // the playback and asks again. The answer to that must not be cancelled.
+    let mut r = Rig::ready(HaipSettings::default(), true, None);
+    r.enc(Uplink::TurnStart);
+    r.enc(Uplink::TurnEnd { duration_ms: 900 });
+    let run = Uuid::new_v4().to_string();
+    r.agent_sends("AGENT", "RUN_STARTED", json!({ "run_id": run }));
+    r.agent_sends(
+        "AGENT",
+        "RUN_FINISHED",
+        json!({ "run_id": run, "status": "OK" }),
+    );
+    // Barge-in during the playback tail: nothing open to cancel.
+    assert!(r.enc(Uplink::Interrupt).is_empty());
+    r.enc(Uplink::TurnStart);
+    r.enc(Uplink::TurnEnd { duration_ms: 700 });
+    let next = Uuid::new_v4().to_string();
+    let d = r.agent_sends("AGENT", "RUN_STARTED", json!({ "run_id": next }));
+    assert_eq!(d.events, vec![Downlink::ResponseStarted { id: next }]);
+    assert!(d.replies.is_empty(), "{:?}", d.replies);
 }
 
 #[test]

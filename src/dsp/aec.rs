@@ -411,7 +411,7 @@ impl EchoCanceller {
             render_credit: 0,
             noise_suppression: cfg.noise_suppression,
             coherence: EchoCoherence::new(
-                COHERENCE_MAX_LAG_MS.max(cfg.delay_ms_hint as usize + 50),
+                COHERENCE_MAX_LAG_MS.max(cfg.delay_ms_hint as usize + 100),
             ),
             far_playing: false,
             stats: AecStats::default(),

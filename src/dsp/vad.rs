@@ -405,9 +405,11 @@ impl VadStage {
     }
 
     /// Whether the barge-in gate let the samples pushed next through (silence where it did not).
-    /// While the device plays, a frame only counts as speech if the gate let at least two thirds of
-    /// it through: with the short barge-in debounce one frame starts speech, and a single 10 ms
-    /// slip of the echo (the first frame after a delay jump) must not.
+    /// While the device plays, a frame only counts towards a speech start if the gate let at least
+    /// two thirds of its samples through (with 30 ms webrtc frames: two of its three 10 ms frames;
+    /// with 20 ms or earshot's 16 ms frames, all of them): with the short barge-in debounce one
+    /// frame starts speech, and a single 10 ms slip of the echo (the first frame after a delay
+    /// jump) must not.
     pub fn set_gate(&mut self, open: bool) {
         self.gate_open = open;
     }
@@ -429,7 +431,10 @@ impl VadStage {
             if self.fill == n {
                 let start = self.pos;
                 let end = start + n as u64;
-                let gated_out = self.hysteresis.playing && self.gate_passed * 3 < n * 2;
+                // Only for a start: once speech runs, its end is the hangover's business.
+                let gated_out = self.hysteresis.playing
+                    && !self.hysteresis.is_speaking()
+                    && self.gate_passed * 3 < n * 2;
                 self.gate_passed = 0;
                 let voiced = !gated_out
                     && self.engine.is_speech(&self.frame)

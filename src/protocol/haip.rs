@@ -232,6 +232,8 @@ pub struct HaipClient {
     open_runs: VecDeque<String>,
     cancelled_runs: VecDeque<String>,
     cancel_next: bool,
+    /// A user turn (or text) was sent and no run has started since: an answer is on its way.
+    answer_due: bool,
     // Timers.
     next_ping_ms: Option<u64>,
     ping_counter: u64,
@@ -691,6 +693,7 @@ impl HaipClient {
             open_runs: VecDeque::new(),
             cancelled_runs: VecDeque::new(),
             cancel_next: false,
+            answer_due: false,
             next_ping_ms: None,
             ping_counter: 0,
             resume: None,
@@ -1050,6 +1053,7 @@ impl HaipClient {
             "TEXT_MESSAGE_END",
             json!({ "message_id": id }),
         ));
+        self.answer_due = true;
         Ok(())
     }
 
@@ -1183,6 +1187,7 @@ impl HaipClient {
         }
         if !self.known_runs.iter().any(|r| r == run_id) {
             push_bounded(&mut self.known_runs, run_id.to_owned(), MAX_RUNS);
+            self.answer_due = false;
             if self.cancel_next {
                 // The user barged in before this run existed.
                 self.cancel_next = false;
@@ -1841,14 +1846,21 @@ impl Protocol for HaipClient {
                     "TEXT_MESSAGE_END",
                     json!({ "message_id": id }),
                 ));
+                self.answer_due = true;
             }
             Uplink::Interrupt => match self.open_runs.back().cloned() {
                 Some(run) => self.cancel_run(run),
-                None => {
+                None if self.answer_due => {
                     debug!(
                         "haip: interrupt before the agent started a run; cancelling the next one"
                     );
                     self.cancel_next = true;
+                }
+                // The answer is complete on the wire (its run finished) and only its playback is
+                // being cut: there is nothing to cancel, and the next run is the answer to what
+                // the user says now.
+                None => {
+                    debug!("haip: interrupt after the answer's run finished; nothing to cancel")
                 }
             },
         }
