@@ -185,6 +185,10 @@ pub struct TurnMachine {
     last_speech_end: Option<Ms>,
     awaiting_since: Ms,
     agent_done: bool,
+    /// AgentSpeaking is the answer to a turn the user is waiting on (it came from AwaitingAgent);
+    /// false for a run nobody waited for (a late answer after the timeout's earcon, or the agent's
+    /// own), whose error is not the user's to hear.
+    answering: bool,
     playing: bool,
     mute_until: Ms,
     /// A turn ended while offline: wait for the answer once reconnected.
@@ -212,6 +216,7 @@ impl TurnMachine {
             last_speech_end: None,
             awaiting_since: 0,
             agent_done: false,
+            answering: false,
             playing: false,
             mute_until: 0,
             pending_turn: false,
@@ -272,6 +277,7 @@ impl TurnMachine {
             Input::AgentStarted => {
                 if self.state == State::AwaitingAgent {
                     self.agent_done = false;
+                    self.answering = true;
                     self.set_state(State::AgentSpeaking, &mut out);
                 }
             }
@@ -282,6 +288,7 @@ impl TurnMachine {
                     self.agent_done = false;
                 } else if matches!(self.state, State::AwaitingAgent | State::Idle) {
                     self.agent_done = false;
+                    self.answering = self.state == State::AwaitingAgent;
                     self.set_state(State::AgentSpeaking, &mut out);
                     // Speech already under way (a candidate over an earcon's tail, say) is now
                     // speech over the agent.
@@ -301,12 +308,21 @@ impl TurnMachine {
                 State::AwaitingAgent => self.set_state(State::Idle, &mut out),
                 _ => {}
             },
-            Input::AgentError => {
-                if matches!(self.state, State::AwaitingAgent | State::AgentSpeaking) {
+            Input::AgentError => match self.state {
+                State::AwaitingAgent => {
                     out.push(Action::PlayEarcon(Earcon::Error));
                     self.set_state(State::Idle, &mut out);
                 }
-            }
+                State::AgentSpeaking => {
+                    // A failed run nobody waited for ends quietly: after a response timeout the
+                    // user has already heard the error earcon once.
+                    if self.answering {
+                        out.push(Action::PlayEarcon(Earcon::Error));
+                    }
+                    self.set_state(State::Idle, &mut out);
+                }
+                _ => {}
+            },
             Input::Connected => {
                 self.connected = true;
                 if self.state == State::Disconnected {
@@ -608,6 +624,37 @@ mod tests {
         // answer does not take the floor.
         let mut tm = connected();
         tm.handle(1_000, Input::AgentStarted);
+        assert_eq!(tm.state(), State::Idle);
+    }
+
+    #[test]
+    fn an_error_earcon_is_played_once_for_a_turn() {
+        let error = |out: &Actions| out.contains(&Action::PlayEarcon(Earcon::Error));
+        // The answer to the user's turn fails: one earcon.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        tm.handle(2_500, Input::AgentResponse);
+        let out = tm.handle(3_000, Input::AgentError);
+        assert!(error(&out), "{out:?}");
+        assert_eq!(tm.state(), State::Idle);
+        // The same before the run started.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        let out = tm.handle(3_000, Input::AgentError);
+        assert!(error(&out), "{out:?}");
+        // The response timeout plays it; the late run that then fails (a HAP call that ends in an
+        // error) does not play it again, and gives the floor back.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        let out = tm.handle(12_500, Input::Tick);
+        assert!(
+            out.contains(&Action::ResponseTimeout) && error(&out),
+            "{out:?}"
+        );
+        tm.handle(13_000, Input::AgentResponse);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        let out = tm.handle(13_000, Input::AgentError);
+        assert!(!error(&out), "{out:?}");
         assert_eq!(tm.state(), State::Idle);
     }
 
