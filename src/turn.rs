@@ -185,10 +185,11 @@ pub struct TurnMachine {
     last_speech_end: Option<Ms>,
     awaiting_since: Ms,
     agent_done: bool,
-    /// AgentSpeaking is the answer to a turn the user is waiting on (it came from AwaitingAgent);
-    /// false for a run nobody waited for (a late answer after the timeout's earcon, or the agent's
-    /// own), whose error is not the user's to hear.
+    /// Whether an error in AgentSpeaking plays the error earcon: false only for the late answer to
+    /// a turn whose response timeout has already played it.
     answering: bool,
+    /// The last turn timed out (its error earcon played) and no run has come since, nor a new turn.
+    timed_out: bool,
     playing: bool,
     mute_until: Ms,
     /// A turn ended while offline: wait for the answer once reconnected.
@@ -217,6 +218,7 @@ impl TurnMachine {
             awaiting_since: 0,
             agent_done: false,
             answering: false,
+            timed_out: false,
             playing: false,
             mute_until: 0,
             pending_turn: false,
@@ -288,7 +290,11 @@ impl TurnMachine {
                     self.agent_done = false;
                 } else if matches!(self.state, State::AwaitingAgent | State::Idle) {
                     self.agent_done = false;
-                    self.answering = self.state == State::AwaitingAgent;
+                    // From Idle after a response timeout: the late answer, whose failure the
+                    // user has already been told of. Any other run (the answer, a resumed one
+                    // after a reconnect, the agent's own) tells of its failure.
+                    self.answering = self.state == State::AwaitingAgent || !self.timed_out;
+                    self.timed_out = false;
                     self.set_state(State::AgentSpeaking, &mut out);
                     // Speech already under way (a candidate over an earcon's tail, say) is now
                     // speech over the agent.
@@ -314,8 +320,8 @@ impl TurnMachine {
                     self.set_state(State::Idle, &mut out);
                 }
                 State::AgentSpeaking => {
-                    // A failed run nobody waited for ends quietly: after a response timeout the
-                    // user has already heard the error earcon once.
+                    // The late answer after a response timeout fails quietly: the user has
+                    // heard the error earcon for that turn already.
                     if self.answering {
                         out.push(Action::PlayEarcon(Earcon::Error));
                     }
@@ -460,6 +466,7 @@ impl TurnMachine {
             self.ignoring = true; // the rest of this speech is not a new turn
         }
         self.last_speech_end = None;
+        self.timed_out = false;
         if !self.s.agent {
             self.set_state(State::Idle, out);
         } else if self.connected {
@@ -512,6 +519,7 @@ impl TurnMachine {
             {
                 out.push(Action::ResponseTimeout);
                 out.push(Action::PlayEarcon(Earcon::Error));
+                self.timed_out = true;
                 self.set_state(State::Idle, out);
             }
             _ => {}
@@ -656,6 +664,40 @@ mod tests {
         let out = tm.handle(13_000, Input::AgentError);
         assert!(!error(&out), "{out:?}");
         assert_eq!(tm.state(), State::Idle);
+        // Only that run: the next one that fails (the agent's own) plays it.
+        tm.handle(20_000, Input::AgentResponse);
+        let out = tm.handle(20_500, Input::AgentError);
+        assert!(error(&out), "{out:?}");
+        // A run of the agent's own, with no turn before it, that fails.
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentResponse);
+        let out = tm.handle(1_500, Input::AgentError);
+        assert!(error(&out), "{out:?}");
+        // Turns queued behind a slow call (HAP and ARP answer one at a time): the first turn
+        // times out, the user asks again; the first call's late answer comes while the second
+        // turn waits, then the second call starts from Idle and fails. Its failure is heard.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        tm.handle(12_500, Input::Tick); // the first turn's timeout
+        user_turn(&mut tm, 13_000);
+        assert_eq!(tm.state(), State::AwaitingAgent);
+        tm.handle(15_000, Input::AgentResponse);
+        tm.handle(15_000, Input::AgentFinished);
+        assert_eq!(tm.state(), State::Idle);
+        tm.handle(16_000, Input::AgentResponse);
+        let out = tm.handle(16_500, Input::AgentError);
+        assert!(error(&out), "{out:?}");
+        // An answer cut by a lost connection and resumed on the next (H2A, HAIP): it starts from
+        // Idle, and its failure is heard.
+        let mut tm = connected();
+        user_turn(&mut tm, 1_000);
+        tm.handle(2_000, Input::AgentResponse);
+        tm.handle(2_500, Input::Disconnected);
+        tm.handle(3_000, Input::Connected);
+        assert_eq!(tm.state(), State::Idle);
+        tm.handle(3_100, Input::AgentResponse);
+        let out = tm.handle(3_500, Input::AgentError);
+        assert!(error(&out), "{out:?}");
     }
 
     #[test]
