@@ -264,7 +264,8 @@ pub struct TurnConfig {
     pub end_silence_ms: u32,
     /// Longest user turn; it is ended there even if the user keeps talking.
     pub max_utterance_ms: u32,
-    /// How long to wait for the agent to start answering before giving up with the error earcon.
+    /// How long to wait for the agent to start answering before giving up with the error earcon;
+    /// also how long the agent may hold the floor in silence before the device listens as usual.
     pub response_timeout_ms: u32,
     /// "on": speech over the agent interrupts it; "off": the mic is ignored while the agent speaks.
     pub barge_in: BargeIn,

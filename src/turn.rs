@@ -167,6 +167,9 @@ impl TurnSettings {
 #[derive(Debug)]
 struct Candidate {
     onset: Ms,
+    /// How long it must last from its onset to count: `barge_in_min_ms`, or 0 when nothing it
+    /// could be an echo of has played.
+    min_ms: Ms,
     over_agent: bool,
     frames: Vec<AudioFrame>,
 }
@@ -192,6 +195,11 @@ pub struct TurnMachine {
     timed_out: bool,
     playing: bool,
     mute_until: Ms,
+    /// The last sign of the agent while it holds the floor (its run started, text or audio came,
+    /// playback started or ended): `response_timeout_ms` of silence after it gives the floor back.
+    agent_heard: Ms,
+    /// The floor went back to Idle that way with the run still open: more of it takes it again.
+    went_quiet: bool,
     /// A turn ended while offline: wait for the answer once reconnected.
     pending_turn: bool,
     candidate: Option<Candidate>,
@@ -221,6 +229,8 @@ impl TurnMachine {
             timed_out: false,
             playing: false,
             mute_until: 0,
+            agent_heard: 0,
+            went_quiet: false,
             pending_turn: false,
             candidate: None,
         }
@@ -239,7 +249,7 @@ impl TurnMachine {
         let mut d: Option<Ms> = None;
         let mut at = |t: Ms| d = Some(d.map_or(t, |x: Ms| x.min(t)));
         if let Some(c) = &self.candidate {
-            at(c.onset + self.s.barge_in_min_ms);
+            at(c.onset + c.min_ms);
         }
         match self.state {
             State::UserSpeaking => {
@@ -252,6 +262,9 @@ impl TurnMachine {
             }
             State::AwaitingAgent if self.connected => {
                 at(self.awaiting_since + self.s.response_timeout_ms)
+            }
+            State::AgentSpeaking if !self.playing => {
+                at(self.agent_heard + self.s.response_timeout_ms)
             }
             _ => {}
         }
@@ -268,22 +281,38 @@ impl TurnMachine {
             Input::SpeechEnd { at } => self.speech_end(at, &mut out),
             Input::Frame(f) => self.frame(f, &mut out),
             Input::Tick => {}
-            Input::PlaybackStarted => self.playing = true,
+            Input::PlaybackStarted => {
+                self.playing = true;
+                self.agent_heard = self.now;
+                if self.state == State::Idle && self.went_quiet {
+                    // The quiet run's audio (or its tool's earcon): the floor is its again.
+                    self.went_quiet = false;
+                    self.set_state(State::AgentSpeaking, &mut out);
+                }
+            }
             Input::PlaybackIdle => {
                 self.playing = false;
+                self.agent_heard = self.now;
                 self.mute_until = self.now + self.s.post_playback_mute_ms;
                 if self.state == State::AgentSpeaking && self.agent_done {
                     self.set_state(State::Idle, &mut out);
                 }
             }
             Input::AgentStarted => {
+                self.agent_heard = self.now;
                 if self.state == State::AwaitingAgent {
                     self.agent_done = false;
                     self.answering = true;
                     self.set_state(State::AgentSpeaking, &mut out);
+                } else if self.state == State::Idle && self.went_quiet {
+                    // The run that went quiet (a long tool call) goes on: it has the floor again.
+                    self.went_quiet = false;
+                    self.set_state(State::AgentSpeaking, &mut out);
                 }
             }
             Input::AgentResponse => {
+                self.agent_heard = self.now;
+                self.went_quiet = false;
                 if self.state == State::AgentSpeaking {
                     // Another run while the last one still plays: the floor stays the agent's
                     // until this one has finished too.
@@ -304,6 +333,7 @@ impl TurnMachine {
                 }
             }
             Input::AgentFinished => match self.state {
+                State::Idle => self.went_quiet = false,
                 State::AgentSpeaking => {
                     self.agent_done = true;
                     if !self.playing {
@@ -315,6 +345,7 @@ impl TurnMachine {
                 _ => {}
             },
             Input::AgentError => match self.state {
+                State::Idle => self.went_quiet = false,
                 State::AwaitingAgent => {
                     out.push(Action::PlayEarcon(Earcon::Error));
                     self.set_state(State::Idle, &mut out);
@@ -343,6 +374,7 @@ impl TurnMachine {
             }
             Input::Disconnected => {
                 self.connected = false;
+                self.went_quiet = false;
                 match self.state {
                     // The user keeps talking; the session holds the frames until it reconnects.
                     State::UserSpeaking | State::Disconnected => {}
@@ -386,8 +418,18 @@ impl TurnMachine {
                 });
             }
             State::AgentSpeaking => {
+                // The agent holds the floor: speaking is a barge-in. It is held to the minimum
+                // only while something plays or just did (what the mic hears may be its echo);
+                // in a silence of the agent's (between its sentences, during a tool call) it
+                // interrupts at once, so a short "yes" is not lost.
+                let echo_possible = self.playing || at < self.mute_until;
                 self.candidate = Some(Candidate {
                     onset: at,
+                    min_ms: if echo_possible {
+                        self.s.barge_in_min_ms
+                    } else {
+                        0
+                    },
                     over_agent: true,
                     frames: Vec::new(),
                 })
@@ -396,6 +438,7 @@ impl TurnMachine {
                 if self.playing || at < self.mute_until {
                     self.candidate = Some(Candidate {
                         onset: at,
+                        min_ms: self.s.barge_in_min_ms,
                         over_agent: false,
                         frames: Vec::new(),
                     });
@@ -447,6 +490,7 @@ impl TurnMachine {
         self.turn_frames = 0;
         self.last_speech_end = None;
         self.pending_turn = false;
+        self.went_quiet = false;
         self.set_state(State::UserSpeaking, out);
         out.push(Action::TurnStarted { at });
     }
@@ -481,7 +525,7 @@ impl TurnMachine {
     fn check_deadlines(&mut self, out: &mut Actions) {
         if let Some(c) = &self.candidate
             && self.speech_active
-            && self.now >= c.onset + self.s.barge_in_min_ms
+            && self.now >= c.onset + c.min_ms
         {
             let Some(c) = self.candidate.take() else {
                 return;
@@ -520,6 +564,16 @@ impl TurnMachine {
                 out.push(Action::ResponseTimeout);
                 out.push(Action::PlayEarcon(Earcon::Error));
                 self.timed_out = true;
+                self.set_state(State::Idle, out);
+            }
+            // The agent holds the floor with nothing to say: a run that never finishes (an agent
+            // that sends no run end, such as the HAIP reference server, or one that lost it) or a
+            // long tool call. The device listens as usual again; more of that run takes the
+            // floor back (`went_quiet`).
+            State::AgentSpeaking
+                if !self.playing && self.now >= self.agent_heard + self.s.response_timeout_ms =>
+            {
+                self.went_quiet = true;
                 self.set_state(State::Idle, out);
             }
             _ => {}
@@ -751,6 +805,75 @@ mod tests {
         tm.handle(3_000, Input::SpeechStart { at: 2_950 });
         let out = tm.handle(3_350, Input::Tick);
         assert!(barged_in(&out), "{out:?}");
+    }
+
+    #[test]
+    fn speech_in_a_silence_of_the_agent_interrupts_at_once() {
+        // Without echo cancellation the minimum is 400 ms, but only while the mic may be hearing
+        // the device: between two of the agent's sentences (its run still open) a short "yes"
+        // interrupts it at once and is not lost.
+        let mut tm = TurnMachine::new(TurnSettings {
+            barge_in_min_ms: 400,
+            ..settings()
+        });
+        tm.handle(0, Input::Connected);
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(1_000, Input::PlaybackStarted);
+        tm.handle(3_000, Input::PlaybackIdle);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        // Within post_playback_mute_ms (250) it may be the echo's tail: held to the minimum.
+        let out = tm.handle(3_200, Input::SpeechStart { at: 3_100 });
+        assert!(!barged_in(&out), "{out:?}");
+        tm.handle(3_300, Input::SpeechEnd { at: 3_250 });
+        // After it: at once, with no Tick.
+        let out = tm.handle(3_600, Input::SpeechStart { at: 3_500 });
+        assert!(barged_in(&out), "{out:?}");
+        assert!(out.contains(&Action::TurnStarted { at: 3_500 }), "{out:?}");
+    }
+
+    #[test]
+    fn an_agent_that_never_ends_its_run_gives_the_floor_back() {
+        // The HAIP reference server answers with text and no run: nothing ever finishes it.
+        let mut tm = TurnMachine::new(TurnSettings {
+            barge_in: false,
+            ..settings()
+        });
+        tm.handle(0, Input::Connected);
+        user_turn(&mut tm, 1_000);
+        tm.handle(2_500, Input::AgentStarted);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        assert_eq!(tm.poll_deadline(), Some(12_500));
+        tm.handle(12_499, Input::Tick);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        tm.handle(12_500, Input::Tick);
+        assert_eq!(tm.state(), State::Idle);
+        // Not deaf any more (with barge-in off, speech over the agent is ignored): a new turn.
+        let out = tm.handle(13_000, Input::SpeechStart { at: 12_970 });
+        assert!(out.contains(&Action::TurnStarted { at: 12_970 }), "{out:?}");
+    }
+
+    #[test]
+    fn a_run_that_went_quiet_takes_the_floor_back_when_it_goes_on() {
+        for more in [Input::AgentStarted, Input::PlaybackStarted] {
+            let mut tm = connected();
+            tm.handle(1_000, Input::AgentResponse);
+            tm.handle(1_000, Input::PlaybackStarted);
+            tm.handle(2_000, Input::PlaybackIdle); // a long tool call, say
+            tm.handle(12_000, Input::Tick);
+            assert_eq!(tm.state(), State::Idle);
+            tm.handle(15_000, more.clone());
+            assert_eq!(tm.state(), State::AgentSpeaking, "{more:?}");
+            tm.handle(15_000, Input::PlaybackStarted);
+            let out = tm.handle(15_500, Input::SpeechStart { at: 15_470 });
+            assert!(barged_in(&out), "{more:?}: {out:?}");
+        }
+        // A long answer that plays is not cut short: the floor is only given back in silence.
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(1_000, Input::PlaybackStarted);
+        tm.handle(30_000, Input::Tick);
+        assert_eq!(tm.state(), State::AgentSpeaking);
+        assert_eq!(tm.poll_deadline(), None);
     }
 
     #[test]

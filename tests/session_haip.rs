@@ -300,6 +300,65 @@ async fn a_long_tool_call_plays_the_working_earcon_and_a_spoken_notice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_sends_no_runs_gets_the_next_turn_all_the_same() {
+    // The reference server (@f8dfe4d) answers with no RUN_STARTED or RUN_FINISHED
+    // (shared/protocols/haip.md): nothing ever says its answer is over. With barge-in off the
+    // device ignores the mic while the agent holds the floor, so it used to stay deaf after the
+    // first answer. Now the floor comes back `turn.response_timeout_ms` after the answer went
+    // quiet, and the second question is a turn of its own.
+    let _turn = one_at_a_time_when_emulated().await;
+    let tmp = Scratch::new("noruns");
+    let a = start_agent(AgentSettings {
+        inject: Inject {
+            no_runs: true,
+            ..Inject::default()
+        },
+        ..agent_settings()
+    })
+    .await;
+    // The answer (the question played back, ~3.5 s) starts turn.end_silence_ms after the question
+    // and the floor comes back response_timeout_ms after it has played; the second question
+    // starts after that. Emulated, the answer can start a second or more late.
+    let (timeout_ms, gap_ms) = if common::emulated() {
+        (4_000, 11_000)
+    } else {
+        (2_500, 8_000)
+    };
+    let cfg = config(
+        &a.url(),
+        &tmp.token_file(TOKEN),
+        &[
+            "turn.barge_in=\"off\"".into(),
+            format!("turn.response_timeout_ms={timeout_ms}"),
+        ],
+    );
+    let script = tmp.script(
+        &[("one_utterance.wav", 300), ("one_utterance.wav", gap_ms)],
+        1_000,
+    );
+    let (report, _) = run_device(cfg, script).await;
+
+    let s = a.stats();
+    assert_no_violations(&a);
+    assert_eq!(s.runs_started, 0, "the agent sent runs");
+    assert_eq!(report.turns.len(), 2, "{:?}", report.events);
+    assert_eq!(s.turns, 2);
+    assert_eq!(report.agent_texts.len(), 2, "{:?}", report.events);
+    let discarded = report
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Discarded { .. }))
+        .count();
+    assert_eq!(discarded, 0, "{:?}", report.events);
+    let timeouts = report
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ResponseTimeout))
+        .count();
+    assert_eq!(timeouts, 0, "{:?}", report.events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_credits_are_obeyed_and_nothing_is_lost() {
     let _turn = one_at_a_time_when_emulated().await;
     let tmp = Scratch::new("credit");

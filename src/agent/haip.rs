@@ -170,6 +170,9 @@ pub struct Inject {
     pub drop_after_frames: Option<u32>,
     /// Accept `RUN_CANCEL` but keep sending the run (it finishes `OK`).
     pub ignore_cancel: bool,
+    /// Answer as the reference server (`@f8dfe4d`) does: no `RUN_STARTED` or `RUN_FINISHED`, and
+    /// no `run_id` on the reply's frames, so nothing tells the client the answer is over.
+    pub no_runs: bool,
 }
 
 /// A protocol violation by the client.
@@ -1779,11 +1782,14 @@ impl Conn {
             format!("You said: {}", m.text)
         };
         let mut steps = VecDeque::new();
-        steps.push_back(OutFrame::new(
-            "AGENT",
-            "RUN_STARTED",
-            json!({"run_id": run_id}),
-        ));
+        let runs = !self.s.inject.no_runs;
+        if runs {
+            steps.push_back(OutFrame::new(
+                "AGENT",
+                "RUN_STARTED",
+                json!({"run_id": run_id}),
+            ));
+        }
         self.turns_here += 1;
         if let Some(tool) = self
             .s
@@ -1853,13 +1859,15 @@ impl Conn {
             f.paced = true;
             steps.push_back(f);
         }
-        steps.push_back(OutFrame::new(
-            "AGENT",
-            "RUN_FINISHED",
-            json!({"status": "OK"}),
-        ));
-        for f in &mut steps {
-            f.run_id = Some(run_id.clone());
+        if runs {
+            steps.push_back(OutFrame::new(
+                "AGENT",
+                "RUN_FINISHED",
+                json!({"status": "OK"}),
+            ));
+            for f in &mut steps {
+                f.run_id = Some(run_id.clone());
+            }
         }
         self.runs.push_back(Run {
             id: run_id,
