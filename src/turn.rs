@@ -330,6 +330,11 @@ impl TurnMachine {
                     if let Some(c) = &mut self.candidate {
                         c.over_agent = true;
                     }
+                } else if self.state == State::UserSpeaking {
+                    // The user has the floor: a run that starts now (a late answer to a turn the
+                    // user has gone on from, the agent's own) would play over them. Stop it.
+                    out.push(Action::FlushPlayback);
+                    out.push(Action::Interrupt);
                 }
             }
             Input::AgentFinished => match self.state {
@@ -776,9 +781,9 @@ mod tests {
         assert_eq!(tm.state(), State::AgentSpeaking);
         let out = tm.handle(3_200, Input::SpeechStart { at: 3_150 });
         assert!(barged_in(&out), "{out:?}");
-        // Ignored while the user has the floor.
+        // While the user has the floor, a run that starts is stopped: it would play over them.
         let out = tm.handle(3_300, Input::AgentResponse);
-        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(out, vec![Action::FlushPlayback, Action::Interrupt]);
         assert_eq!(tm.state(), State::UserSpeaking);
     }
 
