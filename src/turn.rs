@@ -13,7 +13,14 @@
 //! late one, or the agent's own) holds the floor like any other. If it does, playback is flushed
 //! (and, over the agent, an Interrupt is emitted) and the candidate's frames, pre-roll included, open the
 //! user's next turn, so no word is lost. If it does not, it was a blip (or the speaker's own echo) and is
-//! dropped.
+//! dropped. Speech while the agent holds the floor in silence (nothing played for
+//! `post_playback_mute_ms`) has no minimum: there is nothing it could be the echo of.
+//!
+//! The floor: an agent that holds it with nothing playing and no sign of itself for
+//! `response_timeout_ms` (a run that never ends, a long tool call) gives it back (`went_quiet`):
+//! more of that run takes it again, and a user turn started meanwhile cancels the run. A run that
+//! starts while the user speaks is flushed and cancelled; one that starts in the pause before the
+//! end of the turn (an agent that found the end of speech itself) ends the turn there and answers it.
 
 use serde::Serialize;
 
@@ -331,10 +338,23 @@ impl TurnMachine {
                         c.over_agent = true;
                     }
                 } else if self.state == State::UserSpeaking {
-                    // The user has the floor: a run that starts now (a late answer to a turn the
-                    // user has gone on from, the agent's own) would play over them. Stop it.
-                    out.push(Action::FlushPlayback);
-                    out.push(Action::Interrupt);
+                    if !self.speech_active
+                        && let Some(end) = self.last_speech_end
+                    {
+                        // In the pause before `end_silence_ms` ends the turn: an agent that finds
+                        // the end of speech itself is answering it. The turn ends here.
+                        self.end_turn(end, EndReason::Silence, &mut out);
+                        if self.state == State::AwaitingAgent {
+                            self.agent_done = false;
+                            self.answering = true;
+                            self.set_state(State::AgentSpeaking, &mut out);
+                        }
+                    } else {
+                        // The user is speaking: a run that starts now (a late answer to a turn the
+                        // user has gone on from, the agent's own) would play over them. Stop it.
+                        out.push(Action::FlushPlayback);
+                        out.push(Action::Interrupt);
+                    }
                 }
             }
             Input::AgentFinished => match self.state {
@@ -489,6 +509,10 @@ impl TurnMachine {
     fn start_turn(&mut self, at: Ms, out: &mut Actions) {
         if self.state == State::AwaitingAgent {
             // The user said more before the answer came: cancel it, this turn replaces it.
+            out.push(Action::Interrupt);
+        } else if self.went_quiet {
+            // The run that went quiet is still open: the user takes the floor from it, as in a
+            // barge-in, so the rest of it neither plays over them nor passes for the answer.
             out.push(Action::Interrupt);
         }
         self.turn_start = at;
@@ -781,10 +805,27 @@ mod tests {
         assert_eq!(tm.state(), State::AgentSpeaking);
         let out = tm.handle(3_200, Input::SpeechStart { at: 3_150 });
         assert!(barged_in(&out), "{out:?}");
-        // While the user has the floor, a run that starts is stopped: it would play over them.
+        // While the user speaks, a run that starts is stopped: it would play over them.
         let out = tm.handle(3_300, Input::AgentResponse);
         assert_eq!(out, vec![Action::FlushPlayback, Action::Interrupt]);
         assert_eq!(tm.state(), State::UserSpeaking);
+        // In the pause before the end silence ends the turn, it is the answer to the turn (an
+        // agent that found the end of speech itself): the turn ends where the speech did.
+        tm.handle(3_600, Input::SpeechEnd { at: 3_600 });
+        let out = tm.handle(4_000, Input::AgentResponse);
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::TurnEnded {
+                    at: 3_600,
+                    reason: EndReason::Silence,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        assert!(!out.contains(&Action::Interrupt), "{out:?}");
+        assert_eq!(tm.state(), State::AgentSpeaking);
     }
 
     #[test]
@@ -872,6 +913,20 @@ mod tests {
             let out = tm.handle(15_500, Input::SpeechStart { at: 15_470 });
             assert!(barged_in(&out), "{more:?}: {out:?}");
         }
+        // The user speaks while it is quiet: a turn of their own, and the open run is cancelled.
+        let mut tm = connected();
+        tm.handle(1_000, Input::AgentResponse);
+        tm.handle(12_000, Input::Tick);
+        assert_eq!(tm.state(), State::Idle);
+        let out = tm.handle(13_000, Input::SpeechStart { at: 12_970 });
+        assert!(out.contains(&Action::TurnStarted { at: 12_970 }), "{out:?}");
+        assert!(out.contains(&Action::Interrupt), "{out:?}");
+        // The next turn from Idle has nothing to cancel.
+        user_turn(&mut tm, 14_000);
+        tm.handle(16_000, Input::AgentFinished);
+        assert_eq!(tm.state(), State::Idle);
+        let out = tm.handle(20_000, Input::SpeechStart { at: 20_000 });
+        assert!(!out.contains(&Action::Interrupt), "{out:?}");
         // A long answer that plays is not cut short: the floor is only given back in silence.
         let mut tm = connected();
         tm.handle(1_000, Input::AgentResponse);
