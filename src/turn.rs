@@ -646,10 +646,20 @@ mod tests {
     }
 
     fn connected() -> TurnMachine {
-        let mut tm = TurnMachine::new(settings());
+        connected_with(settings())
+    }
+
+    fn connected_with(s: TurnSettings) -> TurnMachine {
+        let mut tm = TurnMachine::new(s);
         tm.handle(0, Input::Connected);
         assert_eq!(tm.state(), State::Idle);
         tm
+    }
+
+    /// The agent's answer (a run) starts at `at` and plays.
+    fn answer_plays(tm: &mut TurnMachine, at: Ms) {
+        tm.handle(at, Input::AgentResponse);
+        tm.handle(at, Input::PlaybackStarted);
     }
 
     /// A whole user turn from `at`: speech for 500 ms, then the end silence.
@@ -689,8 +699,7 @@ mod tests {
     fn speech_over_the_answer_is_a_barge_in() {
         let mut tm = connected();
         user_turn(&mut tm, 1_000);
-        tm.handle(2_300, Input::AgentResponse);
-        tm.handle(2_300, Input::PlaybackStarted);
+        answer_plays(&mut tm, 2_300);
         assert_eq!(tm.state(), State::AgentSpeaking);
         let out = tm.handle(3_000, Input::SpeechStart { at: 2_970 });
         assert!(barged_in(&out), "{out:?}");
@@ -786,8 +795,7 @@ mod tests {
     #[test]
     fn the_answer_over_ends_in_idle_once_played() {
         let mut tm = connected();
-        tm.handle(1_000, Input::AgentResponse);
-        tm.handle(1_000, Input::PlaybackStarted);
+        answer_plays(&mut tm, 1_000);
         tm.handle(2_000, Input::AgentFinished);
         assert_eq!(tm.state(), State::AgentSpeaking, "still playing");
         tm.handle(3_000, Input::PlaybackIdle);
@@ -797,8 +805,7 @@ mod tests {
     #[test]
     fn a_second_run_while_the_first_still_plays_keeps_the_floor() {
         let mut tm = connected();
-        tm.handle(1_000, Input::AgentResponse);
-        tm.handle(1_000, Input::PlaybackStarted);
+        answer_plays(&mut tm, 1_000);
         tm.handle(1_500, Input::AgentFinished);
         tm.handle(2_000, Input::AgentResponse); // the agent goes on with another run
         tm.handle(3_000, Input::PlaybackIdle); // a gap between the two runs' audio
@@ -830,13 +837,11 @@ mod tests {
 
     #[test]
     fn a_blip_over_the_agent_is_dropped_when_a_minimum_is_set() {
-        let mut tm = TurnMachine::new(TurnSettings {
+        let mut tm = connected_with(TurnSettings {
             barge_in_min_ms: 400,
             ..settings()
         });
-        tm.handle(0, Input::Connected);
-        tm.handle(1_000, Input::AgentResponse);
-        tm.handle(1_000, Input::PlaybackStarted);
+        answer_plays(&mut tm, 1_000);
         tm.handle(2_000, Input::SpeechStart { at: 1_950 });
         let out = tm.handle(2_200, Input::SpeechEnd { at: 2_100 });
         assert!(
@@ -858,13 +863,11 @@ mod tests {
         // Without echo cancellation the minimum is 400 ms, but only while the mic may be hearing
         // the device: between two of the agent's sentences (its run still open) a short "yes"
         // interrupts it at once and is not lost.
-        let mut tm = TurnMachine::new(TurnSettings {
+        let mut tm = connected_with(TurnSettings {
             barge_in_min_ms: 400,
             ..settings()
         });
-        tm.handle(0, Input::Connected);
-        tm.handle(1_000, Input::AgentResponse);
-        tm.handle(1_000, Input::PlaybackStarted);
+        answer_plays(&mut tm, 1_000);
         tm.handle(3_000, Input::PlaybackIdle);
         assert_eq!(tm.state(), State::AgentSpeaking);
         // Within post_playback_mute_ms (250) it may be the echo's tail: held to the minimum.
@@ -880,11 +883,10 @@ mod tests {
     #[test]
     fn an_agent_that_never_ends_its_run_gives_the_floor_back() {
         // The HAIP reference server answers with text and no run: nothing ever finishes it.
-        let mut tm = TurnMachine::new(TurnSettings {
+        let mut tm = connected_with(TurnSettings {
             barge_in: false,
             ..settings()
         });
-        tm.handle(0, Input::Connected);
         user_turn(&mut tm, 1_000);
         tm.handle(2_500, Input::AgentStarted);
         assert_eq!(tm.state(), State::AgentSpeaking);
@@ -902,8 +904,7 @@ mod tests {
     fn a_run_that_went_quiet_takes_the_floor_back_when_it_goes_on() {
         for more in [Input::AgentStarted, Input::PlaybackStarted] {
             let mut tm = connected();
-            tm.handle(1_000, Input::AgentResponse);
-            tm.handle(1_000, Input::PlaybackStarted);
+            answer_plays(&mut tm, 1_000);
             tm.handle(2_000, Input::PlaybackIdle); // a long tool call, say
             tm.handle(12_000, Input::Tick);
             assert_eq!(tm.state(), State::Idle);
@@ -929,8 +930,7 @@ mod tests {
         assert!(!out.contains(&Action::Interrupt), "{out:?}");
         // A long answer that plays is not cut short: the floor is only given back in silence.
         let mut tm = connected();
-        tm.handle(1_000, Input::AgentResponse);
-        tm.handle(1_000, Input::PlaybackStarted);
+        answer_plays(&mut tm, 1_000);
         tm.handle(30_000, Input::Tick);
         assert_eq!(tm.state(), State::AgentSpeaking);
         assert_eq!(tm.poll_deadline(), None);
@@ -938,11 +938,10 @@ mod tests {
 
     #[test]
     fn with_barge_in_off_speech_over_the_agent_is_ignored() {
-        let mut tm = TurnMachine::new(TurnSettings {
+        let mut tm = connected_with(TurnSettings {
             barge_in: false,
             ..settings()
         });
-        tm.handle(0, Input::Connected);
         tm.handle(1_000, Input::AgentResponse);
         let out = tm.handle(2_000, Input::SpeechStart { at: 1_950 });
         assert!(
